@@ -1,0 +1,277 @@
+"""The demo agent: a real ACP agent on the official SDK, with no LLM behind it.
+
+It is deterministic, so tests and benchmarks can predict every chunk and every token, and it
+exercises what real agents do: streamed message chunks, tool calls that write through the
+client's ``fs/write_text_file``, permission requests, terminals, plans, usage reports, cancel and
+``session/load``. Every user-visible name says "demo".
+
+Commands (the first word of the prompt):
+
+==================  ==============================================================
+``/write NAME TXT``  ask permission (unless in ``yolo`` mode), then write TXT to NAME
+``/read NAME``       read NAME through ``fs/read_text_file`` and reply with it
+``/shell CMD ...``   run CMD in a client terminal and reply with its output
+``/plan``            send a three-step plan
+``/stream N``        stream N chunks as fast as possible (benchmarks)
+``/sleep S``         stream one chunk, then wait S seconds (cancellable)
+``/crash``           stream one chunk, then exit with status 3 mid-turn
+``/oom``             allocate memory until the sandbox kills the process
+``/fail``            answer the prompt with a JSON-RPC error
+anything else        reply "Demo agent (no LLM) heard N words: ..." in several chunks
+==================  ==============================================================
+
+Tokens: input = words in the prompt, output = words in the reply. ``PromptResponse.usage`` is
+cumulative per session (like the ACP draft and claude-agent-acp); ``usage_update`` carries the
+context used (the cumulative total), a 100,000-token window and a cumulative cost of
+0.000002 USD per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import acp
+from acp import helpers, schema
+from acp.exceptions import RequestError
+
+CONTEXT_SIZE = 100_000
+USD_PER_TOKEN = 0.000002
+MODES = [("default", "Ask before writing"), ("yolo", "Write without asking")]
+
+
+def count_tokens(text: str) -> int:
+    """The demo's tokenizer: one token per whitespace-separated word."""
+    return len(text.split())
+
+
+class DemoAgent:
+    """Implements the ``acp.Agent`` protocol (only what the demo needs)."""
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.cancelled: dict[str, asyncio.Event] = {}
+        self.state_dir = Path(os.environ.get("HOME") or ".") / ".jupyter-acp-demo"
+
+    def on_connect(self, conn: Any) -> None:
+        self.conn = conn
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def initialize(self, protocol_version: int, client_capabilities=None, client_info=None,
+                         **kwargs: Any) -> schema.InitializeResponse:
+        return schema.InitializeResponse(
+            protocol_version=acp.PROTOCOL_VERSION,
+            agent_capabilities=schema.AgentCapabilities(load_session=True),
+            agent_info=schema.Implementation(name="jupyter-acp-demo", title="Demo agent (no LLM)",
+                                             version="1"),
+        )
+
+    def _modes(self, current: str) -> schema.SessionModeState:
+        return schema.SessionModeState(
+            current_mode_id=current,
+            available_modes=[schema.SessionMode(id=i, name=n) for i, n in MODES],
+        )
+
+    async def new_session(self, cwd: str, mcp_servers=None, **kwargs: Any) -> schema.NewSessionResponse:
+        sid = f"demo-{uuid.uuid4().hex[:12]}"
+        self.sessions[sid] = {"cwd": cwd, "mode": "default", "history": [], "usage": [0, 0]}
+        self._save(sid)
+        return schema.NewSessionResponse(session_id=sid, modes=self._modes("default"))
+
+    async def load_session(self, cwd: str, session_id: str, mcp_servers=None, **kwargs: Any):
+        path = self.state_dir / f"{session_id}.json"
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise RequestError.resource_not_found(session_id) from None
+        state["cwd"] = cwd
+        self.sessions[session_id] = state
+        for role, text in state["history"]:
+            update = (helpers.update_user_message_text(text) if role == "user"
+                      else helpers.update_agent_message_text(text))
+            await self.conn.session_update(session_id=session_id, update=update)
+        return schema.LoadSessionResponse(modes=self._modes(state["mode"]))
+
+    def _save(self, sid: str) -> None:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            (self.state_dir / f"{sid}.json").write_text(json.dumps(self.sessions[sid]))
+        except OSError:
+            pass  # a read-only home: load_session will simply not find the session
+
+    async def set_session_mode(self, session_id: str, mode_id: str, **kwargs: Any):
+        if mode_id not in dict(MODES):
+            raise RequestError.invalid_params({"mode_id": f"unknown mode {mode_id!r}"})
+        self._session(session_id)["mode"] = mode_id
+        await self.conn.session_update(session_id=session_id,
+                                       update=helpers.update_current_mode(mode_id))
+        return schema.SetSessionModeResponse()
+
+    async def authenticate(self, method_id: str, **kwargs: Any):
+        return schema.AuthenticateResponse()
+
+    async def cancel(self, session_id: str, **kwargs: Any) -> None:
+        if session_id in self.cancelled:
+            self.cancelled[session_id].set()
+
+    def _session(self, sid: str) -> dict[str, Any]:
+        try:
+            return self.sessions[sid]
+        except KeyError:
+            raise RequestError.invalid_params({"session_id": f"unknown session {sid!r}"}) from None
+
+    # -- a prompt turn -----------------------------------------------------------------------
+    async def prompt(self, session_id: str, prompt: list[Any], **kwargs: Any) -> schema.PromptResponse:
+        state = self._session(session_id)
+        text = " ".join(getattr(b, "text", "") for b in prompt).strip()
+        cancel = self.cancelled[session_id] = asyncio.Event()
+        words = text.split()
+        command, args = (words[0], words[1:]) if words else ("", [])
+        handler = getattr(self, f"_cmd_{command[1:]}", None) if command.startswith("/") else None
+        reply_parts: list[str] = []
+        stop = "end_turn"
+        try:
+            if handler is None:
+                reply_parts = await self._say(
+                    session_id, f"Demo agent (no LLM) heard {len(words)} words: {text}")
+            else:
+                reply, stop = await handler(session_id, state, args, cancel)
+                reply_parts = [reply] if reply else []
+        finally:
+            self.cancelled.pop(session_id, None)
+        reply = "".join(reply_parts)
+        state["history"] += [["user", text], ["agent", reply]]
+        state["usage"][0] += count_tokens(text)
+        state["usage"][1] += count_tokens(reply)
+        self._save(session_id)
+        inp, out = state["usage"]
+        total = inp + out
+        await self.conn.session_update(
+            session_id=session_id,
+            update=schema.UsageUpdate(session_update="usage_update", used=total, size=CONTEXT_SIZE,
+                                      cost=schema.Cost(amount=round(total * USD_PER_TOKEN, 9),
+                                                       currency="USD")))
+        return schema.PromptResponse(
+            stop_reason=stop,
+            usage=schema.Usage(input_tokens=inp, output_tokens=out, total_tokens=total),
+        )
+
+    async def _say(self, sid: str, text: str) -> list[str]:
+        """Stream ``text`` as several chunks (one per word, spaces kept) and return them."""
+        chunks = [w + " " for w in text.split(" ")]
+        chunks[-1] = chunks[-1][:-1]
+        for chunk in chunks:
+            await self.conn.session_update(session_id=sid, update=helpers.update_agent_message_text(chunk))
+        return chunks
+
+    async def _cmd_write(self, sid, state, args, cancel):
+        if not args:
+            return (await self._reply(sid, "Usage: /write NAME TEXT")), "end_turn"
+        name, content = args[0], " ".join(args[1:]) + "\n"
+        path = os.path.join(state["cwd"], name)
+        call_id = f"write-{uuid.uuid4().hex[:8]}"
+        await self.conn.session_update(session_id=sid, update=helpers.start_edit_tool_call(
+            call_id, f"Write {name}", path, content))
+        if state["mode"] != "yolo":
+            decision = await self.conn.request_permission(
+                session_id=sid,
+                tool_call=schema.ToolCallUpdate(tool_call_id=call_id, title=f"Write {name}", kind="edit"),
+                options=[
+                    schema.PermissionOption(option_id="allow", name="Allow", kind="allow_once"),
+                    schema.PermissionOption(option_id="reject", name="Reject", kind="reject_once"),
+                ],
+            )
+            outcome = decision.outcome
+            if outcome.outcome == "cancelled":
+                await self.conn.session_update(session_id=sid, update=helpers.update_tool_call(
+                    call_id, status="failed"))
+                return "", "cancelled"
+            if outcome.option_id != "allow":
+                await self.conn.session_update(session_id=sid, update=helpers.update_tool_call(
+                    call_id, status="failed"))
+                return (await self._reply(sid, f"Permission denied: did not write {name}.")), "end_turn"
+        await self.conn.session_update(session_id=sid, update=helpers.update_tool_call(
+            call_id, status="in_progress"))
+        try:
+            await self.conn.write_text_file(session_id=sid, path=path, content=content)
+        except RequestError as e:
+            await self.conn.session_update(session_id=sid, update=helpers.update_tool_call(
+                call_id, status="failed"))
+            return (await self._reply(sid, f"Could not write {name}: {e}")), "end_turn"
+        await self.conn.session_update(session_id=sid, update=helpers.update_tool_call(
+            call_id, status="completed", content=[helpers.tool_diff_content(path, content)]))
+        return (await self._reply(sid, f"Wrote {name} ({len(content.encode())} bytes).")), "end_turn"
+
+    async def _cmd_read(self, sid, state, args, cancel):
+        path = args[0] if args and os.path.isabs(args[0]) else os.path.join(state["cwd"], *args[:1])
+        try:
+            resp = await self.conn.read_text_file(session_id=sid, path=path)
+        except RequestError as e:
+            return (await self._reply(sid, f"Could not read {path}: {e} {e.data or ''}".strip())), "end_turn"
+        return (await self._reply(sid, resp.content)), "end_turn"
+
+    async def _cmd_shell(self, sid, state, args, cancel):
+        if not args:
+            return (await self._reply(sid, "Usage: /shell CMD [ARGS...]")), "end_turn"
+        term = await self.conn.create_terminal(session_id=sid, command=args[0], args=args[1:],
+                                               cwd=state["cwd"], output_byte_limit=65536)
+        exit_status = await self.conn.wait_for_terminal_exit(session_id=sid, terminal_id=term.terminal_id)
+        output = await self.conn.terminal_output(session_id=sid, terminal_id=term.terminal_id)
+        await self.conn.release_terminal(session_id=sid, terminal_id=term.terminal_id)
+        return (await self._reply(sid, f"exit {exit_status.exit_code}: {output.output}")), "end_turn"
+
+    async def _cmd_plan(self, sid, state, args, cancel):
+        entries = [helpers.plan_entry(f"Step {i}", priority="medium", status="pending") for i in (1, 2, 3)]
+        await self.conn.session_update(session_id=sid, update=helpers.update_plan(entries))
+        return (await self._reply(sid, "Planned 3 steps.")), "end_turn"
+
+    async def _cmd_stream(self, sid, state, args, cancel):
+        n = int(args[0]) if args and args[0].isdigit() else 100
+        for i in range(n):
+            await self.conn.session_update(session_id=sid,
+                                           update=helpers.update_agent_message_text(f"c{i} "))
+        return "", "end_turn"
+
+    async def _cmd_sleep(self, sid, state, args, cancel):
+        seconds = float(args[0]) if args else 30.0
+        await self._reply(sid, "Sleeping... ")
+        try:
+            await asyncio.wait_for(cancel.wait(), seconds)
+        except asyncio.TimeoutError:
+            return (await self._reply(sid, "awake.")), "end_turn"
+        return "", "cancelled"
+
+    async def _cmd_crash(self, sid, state, args, cancel):
+        await self._reply(sid, "About to crash. ")
+        sys.stderr.write("demo agent: crashing on purpose (/crash)\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+    async def _cmd_oom(self, sid, state, args, cancel):
+        await self._reply(sid, "Allocating memory until the sandbox stops me. ")
+        hog = []
+        while True:  # the sandbox's memory limit ends this
+            hog.append(bytearray(16 * 1024 * 1024))
+            for i in range(0, len(hog[-1]), 4096):
+                hog[-1][i] = 1
+            await asyncio.sleep(0)
+
+    async def _cmd_fail(self, sid, state, args, cancel):
+        raise RequestError.internal_error({"details": "the demo agent failed on purpose (/fail)"})
+
+    async def _reply(self, sid: str, text: str) -> str:
+        return "".join(await self._say(sid, text))
+
+
+def main() -> None:
+    asyncio.run(acp.run_agent(DemoAgent()))
+
+
+if __name__ == "__main__":
+    main()

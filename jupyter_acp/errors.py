@@ -1,0 +1,108 @@
+"""The error hierarchy of jupyter-acp.
+
+Every failure a user can cause or meet is one of these, each carrying the HTTP status the REST
+API answers with and a message written for the person who will read it (never a stack trace,
+never a credential). Handlers turn them into JSON errors; the kernel magics print one line.
+"""
+
+from __future__ import annotations
+
+
+class AcpError(Exception):
+    """Base class: ``status`` is the HTTP status the API answers with."""
+
+    status: int = 500
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BadRequest(AcpError):
+    """The request itself is malformed (missing field, wrong type, too large)."""
+
+    status = 400
+
+
+class SessionNotFound(AcpError):
+    """No session of this user has that id.
+
+    Another user's session is reported the same way on purpose: existence is not leaked.
+    """
+
+    status = 404
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"No agent session with id {session_id!r}")
+        self.session_id = session_id
+
+
+class AgentNotFound(AcpError):
+    """No configured agent has that name, or none matches the requested capabilities."""
+
+    status = 404
+
+
+class AgentUnavailable(AcpError):
+    """The agent is configured but cannot run here (executable missing, sandbox refused)."""
+
+    status = 422
+
+
+class SessionBusy(AcpError):
+    """A prompt turn is already running in this session."""
+
+    status = 409
+
+
+class SessionNotReady(AcpError):
+    """The session is starting, stopped or in error and cannot take this operation."""
+
+    status = 409
+
+
+class TooManySessions(AcpError):
+    """The user already has ``max_sessions_per_user`` live sessions."""
+
+    status = 429
+
+
+class QuotaExceeded(AcpError):
+    """The user's token quota for the day is used up."""
+
+    status = 429
+
+
+class SandboxError(AcpError):
+    """The sandbox could not be created, started or kept alive."""
+
+    status = 500
+
+
+class AgentError(AcpError):
+    """The agent process failed: crashed, timed out, or answered with a protocol error."""
+
+    status = 502
+
+
+class AuthenticationRequired(AgentError):
+    """The agent asked for credentials it did not get (ACP error -32000)."""
+
+    status = 401
+
+
+class PermissionNotFound(AcpError):
+    """No pending permission request has that id."""
+
+    status = 404
+
+
+class PathOutsideWorkspace(AcpError):
+    """An agent asked to read or write a file outside its session workspace."""
+
+    status = 403

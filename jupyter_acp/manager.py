@@ -1,0 +1,504 @@
+"""UserSessionManager: every agent session of every Jupyter user, keyed by username.
+
+It keeps the operations of the seed design (DESIGN.md §1) under Python names —
+``create_user_session`` (reuses the user's live session of the same agent unless ``new``),
+``get_user_session``, ``get_user_sessions``, ``delete_user_session``, ``send_message``,
+``update_token_usage``, ``get_session_stats``, ``cleanup(max_age)`` run by a periodic monitor —
+and decides, from the admin's traits, where and how an agent runs: which sandbox backend, which
+limits, which workspace. Every lookup takes the username: a session of another user is reported
+as not found (never "forbidden"), so its existence does not leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_runtime_dir
+from traitlets import Bool, Enum, Float, Instance, Integer, TraitError, Unicode, default, validate
+from traitlets.config import LoggingConfigurable
+
+from .agents import AgentConfigManager, AgentSpec
+from .errors import (
+    AgentUnavailable,
+    BadRequest,
+    PathOutsideWorkspace,
+    SandboxError,
+    SessionNotFound,
+    TooManySessions,
+)
+from .sandbox import backend
+from .sandbox.base import ResourceLimits, Sandbox, SandboxSpec
+from .session import AgentSession, SessionOptions, SessionState, TurnResult
+from .usage import TurnUsage, UsageLedger
+
+#: Backends tried, best first, when the admin leaves ``sandbox`` empty.
+BACKEND_PREFERENCE = ("docker", "bubblewrap", "local")
+
+_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_bytes(value: Any) -> int | None:
+    """``"512m"`` / ``"1.5G"`` / ``536870912`` → bytes; ``None``, ``0`` or ``""`` → None (unlimited).
+
+    The same spelling JupyterHub's ``ByteSpecification`` (and its ``MEM_LIMIT``) uses.
+    """
+    if value is None or value == "" or value == 0:
+        return None
+    if isinstance(value, int | float):
+        return int(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT])?[bB]?\s*", str(value))
+    if not m:
+        raise ValueError(f"{value!r} is not a size: use bytes or a number with K, M, G or T")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    return int(number * _UNITS.get(unit, 1)) or None
+
+
+class ByteSpecification(Unicode):
+    """A memory/disk size trait: bytes or ``512M``/``1G``; validated when set."""
+
+    info_text = "a size in bytes or with a K/M/G/T suffix (empty or 0: unlimited)"
+
+    def validate(self, obj: Any, value: Any) -> str:
+        if isinstance(value, int | float):
+            value = str(int(value))
+        value = super().validate(obj, value)
+        try:
+            parse_bytes(value)
+        except ValueError as e:
+            raise TraitError(str(e)) from None
+        return value
+
+
+def safe_username(username: str) -> str:
+    """A username as a single path component (``{username}`` in the workspace template)."""
+    safe = re.sub(r"[^A-Za-z0-9._@+-]", "_", username).lstrip(".")
+    return safe or "_"
+
+
+class UserSessionManager(LoggingConfigurable):
+    """Holds the live agent sessions of all users and applies the admin's limits to them."""
+
+    # -- capacity and culling ------------------------------------------------------------------
+    max_sessions_per_user = Integer(
+        5,
+        help="""How many live agent sessions one user may have at once (stopped ones do not
+        count). 0 means unlimited.""",
+    ).tag(config=True)
+
+    idle_max_age = Float(
+        3600.0,
+        help="""Seconds a session may stay idle (no prompt, no agent output) before the monitor
+        stops it. A running prompt turn is never culled. 0 disables culling.""",
+    ).tag(config=True)
+
+    monitor_interval = Float(
+        60.0,
+        help="Seconds between two runs of the idle-session monitor. 0 disables the monitor.",
+    ).tag(config=True)
+
+    # -- where agents run ----------------------------------------------------------------------
+    sandbox = Enum(
+        ["", *BACKEND_PREFERENCE],
+        default_value="",
+        help="""Sandbox backend of agent sessions: ``docker`` (a container per session),
+        ``bubblewrap`` (Linux namespaces, no daemon) or ``local`` (no isolation). Empty: the
+        best one that works on this host, in that order; ``local`` is then used only for the
+        demo agent unless ``allow_unsandboxed`` is True.""",
+    ).tag(config=True)
+
+    allow_unsandboxed = Bool(
+        False,
+        help="""Allow real agents to run as plain local processes with the server's rights
+        (no isolation, no limits). Leave False on any shared server.""",
+    ).tag(config=True)
+
+    root_dir = Unicode(
+        help="The Jupyter server's root directory (set by the extension; default: the cwd).",
+    ).tag(config=True)
+
+    @default("root_dir")
+    def _default_root_dir(self) -> str:
+        return os.getcwd()
+
+    workspace_template = Unicode(
+        "{root_dir}",
+        help="""The directory an agent of a user may read and write (its sandbox's only
+        writable mount). ``{root_dir}`` is the Jupyter root directory and ``{username}`` the
+        user's name made path-safe, e.g. ``/srv/work/{username}``. Created when missing; a
+        session's ``cwd`` must lie inside it.""",
+    ).tag(config=True)
+
+    agent_home_dir = Unicode(
+        help="""Where each session gets a private, writable home directory for the agent's
+        settings and caches (deleted when the session is deleted). Default: ``acp-homes`` in
+        the Jupyter runtime directory.""",
+    ).tag(config=True)
+
+    @default("agent_home_dir")
+    def _default_agent_home_dir(self) -> str:
+        return str(Path(jupyter_runtime_dir()) / "acp-homes")
+
+    # -- limits --------------------------------------------------------------------------------
+    mem_limit = ByteSpecification(
+        help="""Memory cap of one agent sandbox (bytes, or 512M / 1G). An agent's own default
+        (node-based agents need about 1G) applies below this cap. Default: JupyterHub's
+        ``MEM_LIMIT`` when set, else 1G. Empty or 0: no limit.""",
+    ).tag(config=True)
+
+    @default("mem_limit")
+    def _default_mem_limit(self) -> str:
+        return os.environ.get("MEM_LIMIT") or "1G"
+
+    cpu_limit = Float(
+        help="""CPU cores one agent sandbox may use (1.5 = one and a half). Default: JupyterHub's
+        ``CPU_LIMIT`` when set, else 1. 0 means no limit.""",
+    ).tag(config=True)
+
+    @default("cpu_limit")
+    def _default_cpu_limit(self) -> float:
+        try:
+            return float(os.environ.get("CPU_LIMIT") or 1.0)
+        except ValueError:
+            return 1.0
+
+    pids_limit = Integer(
+        256, help="Processes and threads one agent sandbox may run. 0 means no limit."
+    ).tag(config=True)
+
+    disk_limit = ByteSpecification(
+        "",
+        help="""How much one agent may write (bytes, or 1G). Enforced only by backends that can
+        (see the session's ``limits.enforced``). Empty or 0: no limit.""",
+    ).tag(config=True)
+
+    network = Bool(
+        False,
+        help="""Whether agent sandboxes may open network connections. Off by default: an agent
+        then reaches its LLM only through the server.""",
+    ).tag(config=True)
+
+    # -- agent behaviour -----------------------------------------------------------------------
+    permission_policy = Enum(
+        ["ask", "allow", "deny"],
+        default_value="ask",
+        help="""What happens when an agent asks permission (e.g. to write a file): ``ask`` the
+        user, or ``allow`` / ``deny`` every request without asking.""",
+    ).tag(config=True)
+
+    permission_timeout = Float(
+        300.0,
+        help="Seconds a permission request waits for the user's answer before it is rejected.",
+    ).tag(config=True)
+
+    init_timeout = Float(
+        60.0,
+        help="""Seconds an agent may take to start and answer ``initialize`` and
+        ``session/new``. Prompt turns have no fixed timeout (they stream until done or cancelled).""",
+    ).tag(config=True)
+
+    max_history = Integer(
+        10_000, help="Events of a session kept for clients that reconnect (older ones are dropped)."
+    ).tag(config=True)
+
+    @validate("max_sessions_per_user", "pids_limit", "max_history")
+    def _non_negative(self, proposal: Any) -> int:
+        if proposal["value"] < 0:
+            raise TraitError(f"{proposal['trait'].name} must be >= 0")
+        return proposal["value"]
+
+    agents = Instance(AgentConfigManager)
+    ledger = Instance(UsageLedger)
+
+    @default("agents")
+    def _default_agents(self) -> AgentConfigManager:
+        return AgentConfigManager(parent=self)
+
+    @default("ledger")
+    def _default_ledger(self) -> UsageLedger:
+        return UsageLedger(parent=self)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._sessions: dict[str, AgentSession] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        self._started_backends: set[str] = set()
+        #: Called on agent activity (the extension keeps ``acp_last_activity`` fresh with it).
+        self.on_activity: Callable[[], None] | None = None
+        #: Called with (event name, data) for audit events (the extension's event logger).
+        self.on_audit: Callable[[str, dict[str, Any]], None] | None = None
+
+    # -- sandbox choice ------------------------------------------------------------------------
+    def backend_for(self, spec: AgentSpec) -> type[Sandbox]:
+        """The sandbox class an agent runs in, or ``AgentUnavailable`` explaining why none fits."""
+        if self.sandbox:
+            cls = backend(self.sandbox)
+            ok, why = cls.available(parent=self)
+            if not ok:
+                raise SandboxError(f"The {self.sandbox} sandbox cannot run here: {why}")
+            if not cls.isolated and not (spec.demo or self.allow_unsandboxed):
+                raise AgentUnavailable(
+                    f"{spec.display_name} would run without a sandbox; an admin must set "
+                    "c.UserSessionManager.allow_unsandboxed = True or choose another sandbox")
+            return cls
+        reasons = []
+        for kind in BACKEND_PREFERENCE:
+            cls = backend(kind)
+            if not cls.isolated and not (spec.demo or self.allow_unsandboxed):
+                continue
+            ok, why = cls.available(parent=self)
+            if ok:
+                return cls
+            reasons.append(f"{kind}: {why}")
+        raise AgentUnavailable(f"No sandbox can run {spec.display_name} here ({'; '.join(reasons)})")
+
+    def backends(self) -> list[dict[str, Any]]:
+        """Every backend with whether it works here (for admins and ``GET /api/acp/agents``)."""
+        out = []
+        for kind in BACKEND_PREFERENCE:
+            ok, why = backend(kind).available(parent=self)
+            out.append({"kind": kind, "available": ok, "reason": why})
+        return out
+
+    def limits_for(self, spec: AgentSpec) -> ResourceLimits:
+        cap = parse_bytes(self.mem_limit)
+        own = spec.mem_limit
+        mem = min(x for x in (cap, own) if x) if (cap or own) else None
+        return ResourceLimits(mem_limit=mem, cpu_limit=self.cpu_limit or None,
+                              pids_limit=self.pids_limit or None,
+                              disk_limit=parse_bytes(self.disk_limit), network=self.network)
+
+    def workspace_root(self, username: str) -> Path:
+        path = self.workspace_template.format(root_dir=self.root_dir, username=safe_username(username))
+        return Path(os.path.abspath(os.path.expanduser(path)))
+
+    def workspace_for(self, username: str, cwd: str | None) -> Path:
+        """The session workspace: ``cwd`` (relative to the user's root, like Jupyter API paths)."""
+        root = self.workspace_root(username)
+        root.mkdir(parents=True, exist_ok=True)
+        if not cwd:
+            return root
+        if not isinstance(cwd, str) or "\x00" in cwd:
+            raise BadRequest("cwd must be a path inside your workspace")
+        # relative: like Jupyter API paths, from the user's root; absolute: must lie inside it
+        target = Path(os.path.realpath(root / cwd))
+        real_root = Path(os.path.realpath(root))
+        if target != real_root and real_root not in target.parents:
+            raise PathOutsideWorkspace(f"cwd {cwd!r} is outside your workspace")
+        if not target.is_dir():
+            raise BadRequest(f"cwd {cwd!r} is not a directory in your workspace")
+        return target
+
+    # -- the seed's operations -----------------------------------------------------------------
+    async def create_user_session(
+        self,
+        username: str,
+        agent: str | None = None,
+        *,
+        cwd: str | None = None,
+        credentials: dict[str, str] | None = None,
+        new: bool = False,
+        capabilities: list[str] | None = None,
+    ) -> AgentSession:
+        """Start an agent session for ``username`` (or return their live one of that agent)."""
+        spec = (self.agents.select_best_agent(capabilities) if capabilities and not agent
+                else self.agents.get_available(agent))
+        if spec.url:
+            raise AgentUnavailable(f"{spec.display_name} is a remote (WebSocket) agent; "
+                                   "remote agents are not supported by this server yet")
+        workspace = self.workspace_for(username, cwd)
+        if not new:
+            for session in self._sessions.values():
+                if (session.user == username and session.spec.name == spec.name
+                        and session.sandbox_spec.workspace == workspace
+                        and session.state in (SessionState.READY, SessionState.BUSY)):
+                    return session
+        live = [s for s in self.get_user_sessions(username) if s.state is not SessionState.STOPPED]
+        if self.max_sessions_per_user and len(live) >= self.max_sessions_per_user:
+            raise TooManySessions(
+                f"You already have {len(live)} agent sessions (the limit is "
+                f"{self.max_sessions_per_user}); stop one first")
+        try:
+            creds = self.agents.credentials_for(spec, credentials)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        cls = self.backend_for(spec)
+        await self._backend_started(cls)
+        session = AgentSession(
+            user=username, spec=spec, sandbox_factory=lambda: self._sandbox_placeholder(),
+            sandbox_spec=SandboxSpec(argv=[], workspace=workspace), ledger=self.ledger,
+            options=SessionOptions(permission_policy=self.permission_policy,
+                                   permission_timeout=self.permission_timeout,
+                                   init_timeout=self.init_timeout, max_history=self.max_history),
+            on_activity=self._activity, on_audit=self._audit,
+        )
+        home = self._make_home(session.id)
+        session.sandbox_spec = SandboxSpec(
+            argv=list(spec.command),
+            workspace=workspace,
+            env=self._agent_env(spec, creds, home),
+            limits=self.limits_for(spec),
+            labels={"user": username, "session": session.id, "agent": spec.name},
+            ro_paths=list(spec.ro_paths),
+            rw_paths=[str(home)],
+        )
+        session._sandbox_factory = lambda: cls.create(session.sandbox_spec, parent=self)
+        self._sessions[session.id] = session  # counts against the limit while it starts
+        self.log.info("Starting %s for %s in a %s sandbox (session %s)", spec.name, username, cls.kind,
+                      session.id)
+        try:
+            await session.start()
+        except BaseException:
+            self._sessions.pop(session.id, None)
+            self._remove_home(session.id)
+            raise
+        return session
+
+    @staticmethod
+    def _sandbox_placeholder() -> Sandbox:
+        raise SandboxError("The session's sandbox was not configured")
+
+    def _agent_env(self, spec: AgentSpec, creds: dict[str, str], home: Path) -> dict[str, str]:
+        """The agent's whole environment: never the server's own (it may hold secrets)."""
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": str(home),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "TERM": "dumb",
+            "NO_COLOR": "1",
+        }
+        env.update(spec.env)
+        env.update(spec.credentials_env(creds))
+        return env
+
+    def _make_home(self, session_id: str) -> Path:
+        home = Path(self.agent_home_dir) / session_id
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return home
+
+    def _remove_home(self, session_id: str) -> None:
+        shutil.rmtree(Path(self.agent_home_dir) / session_id, ignore_errors=True)
+
+    async def _backend_started(self, cls: type[Sandbox]) -> None:
+        if cls.kind not in self._started_backends:
+            self._started_backends.add(cls.kind)
+            await cls.on_manager_start(parent=self)
+
+    def get_user_session(self, username: str, session_id: str) -> AgentSession:
+        """The session ``session_id`` of ``username``; another user's is "not found"."""
+        session = self._sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is None or session.user != username:
+            raise SessionNotFound(f"No session {session_id!r}")
+        return session
+
+    def get_user_sessions(self, username: str) -> list[AgentSession]:
+        return sorted((s for s in self._sessions.values() if s.user == username), key=lambda s: s.created)
+
+    def all_sessions(self) -> list[AgentSession]:
+        return list(self._sessions.values())
+
+    async def delete_user_session(self, username: str, session_id: str) -> None:
+        """Stop the agent and remove its sandbox and home; the workspace stays."""
+        session = self.get_user_session(username, session_id)
+        await self._delete(session, "stopped by the user")
+
+    async def _delete(self, session: AgentSession, reason: str) -> None:
+        self._sessions.pop(session.id, None)
+        try:
+            await session.stop(reason)
+        finally:
+            self._remove_home(session.id)
+
+    async def restart_user_session(self, username: str, session_id: str) -> AgentSession:
+        session = self.get_user_session(username, session_id)
+        await session.restart()
+        return session
+
+    async def send_message(self, username: str, session_id: str, message: str) -> TurnResult:
+        """One prompt turn; events stream to the session's subscribers while it runs."""
+        return await self.get_user_session(username, session_id).prompt(message)
+
+    def update_token_usage(self, username: str, session_id: str, usage: dict[str, Any] | TurnUsage,
+                           *, turn: int | None = None) -> int:
+        """Record usage reported out of band (e.g. by an LLM gateway) for one of the user's sessions."""
+        session = self.get_user_session(username, session_id)
+        if isinstance(usage, dict):
+            try:
+                usage = TurnUsage(**usage)
+            except TypeError as e:
+                raise BadRequest(f"Invalid usage record: {e}") from None
+        now = time.time()
+        return self.ledger.record(user=username, session_id=session.id, agent=session.spec.name,
+                                  turn=turn if turn is not None else session.turns, usage=usage,
+                                  started_at=now, ended_at=now)
+
+    def get_session_stats(self, username: str, session_id: str) -> dict[str, Any]:
+        return self.get_user_session(username, session_id).stats()
+
+    async def cleanup(self, max_age: float | None = None) -> list[str]:
+        """Stop sessions idle for more than ``max_age`` seconds (default ``idle_max_age``).
+
+        A session in a prompt turn is never culled. Returns the ids of the sessions stopped.
+        """
+        max_age = self.idle_max_age if max_age is None else max_age
+        if not max_age:
+            return []
+        now = time.time()
+        stale = [s for s in self._sessions.values()
+                 if s.state is not SessionState.BUSY and now - s.last_activity > max_age]
+        for session in stale:
+            self.log.info("Stopping idle session %s of %s (idle %.0f s)", session.id, session.user,
+                          now - session.last_activity)
+            await self._delete(session, f"idle for more than {max_age:g} s")
+        return [s.id for s in stale]
+
+    # -- monitor and shutdown ------------------------------------------------------------------
+    def start_monitor(self) -> None:
+        if self.monitor_interval and self._monitor is None:
+            self._monitor = asyncio.create_task(self._monitor_loop(), name="acp-session-monitor")
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.monitor_interval)
+            try:
+                await self.cleanup()
+            except Exception:
+                self.log.exception("The idle-session monitor failed; it will try again")
+
+    async def shutdown(self) -> None:
+        """Stop the monitor and every session (the server is stopping)."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+            self._monitor = None
+        sessions = list(self._sessions.values())
+        results = await asyncio.gather(*(self._delete(s, "the server is stopping") for s in sessions),
+                                       return_exceptions=True)
+        for session, result in zip(sessions, results, strict=True):
+            if isinstance(result, BaseException):
+                self.log.warning("Could not stop session %s cleanly: %s", session.id, result)
+        for kind in sorted(self._started_backends):
+            try:
+                await backend(kind).on_manager_stop(parent=self)
+            except Exception:
+                self.log.exception("Could not clean up the %s sandbox backend", kind)
+        self._started_backends.clear()
+
+    def _activity(self) -> None:
+        if self.on_activity is not None:
+            self.on_activity()
+
+    def _audit(self, name: str, data: dict[str, Any]) -> None:
+        if self.on_audit is not None:
+            try:
+                self.on_audit(name, data)
+            except Exception:
+                self.log.exception("Could not emit the audit event %s", name)

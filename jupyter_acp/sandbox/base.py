@@ -1,0 +1,272 @@
+"""The sandbox contract every backend (docker, bubblewrap, local) implements.
+
+A sandbox runs exactly one agent process and exposes its stdio as asyncio streams, which the
+ACP SDK's ``connect_to_agent`` consumes. The lifecycle mirrors the spawners of JupyterHub
+(create/start, poll, stop, remove) so that admins meet familiar names. ``ProcessSandbox`` holds
+what the process-based backends share: the process group, stderr draining (the ACP SDK pipes
+stderr and never reads it; a full pipe would freeze the agent), TERM-then-KILL and reaping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from ..errors import SandboxError
+
+log = logging.getLogger("jupyter_acp.sandbox")
+
+#: Agents print JSON-RPC lines; some (file contents, diffs) are large. 50 MiB like the SDK.
+STDIO_LINE_LIMIT = 50 * 1024 * 1024
+#: How many of the agent's last stderr lines are kept to explain a crash.
+STDERR_TAIL_LINES = 40
+
+
+@dataclass
+class ResourceLimits:
+    """Limits applied to one sandbox. ``None`` (or 0) means "not limited"."""
+
+    mem_limit: int | None = 512 * 1024**2
+    """Memory in bytes (swap included where the backend can)."""
+    cpu_limit: float | None = 1.0
+    """CPU cores (1.5 = one and a half cores)."""
+    pids_limit: int | None = 256
+    """Processes and threads."""
+    disk_limit: int | None = None
+    """Bytes the workspace may grow by; enforced only where the backend can (see each backend)."""
+    network: bool = False
+    """Whether the agent may open network connections."""
+
+
+@dataclass
+class SandboxSpec:
+    """What to run, where, and under which limits."""
+
+    argv: list[str]
+    workspace: Path
+    """Host directory mounted read-write as the agent's working directory."""
+    env: dict[str, str] = field(default_factory=dict)
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    labels: dict[str, str] = field(default_factory=dict)
+    """``user`` and ``session`` at least; used for names, cgroups and orphan clean-up."""
+    ro_paths: list[str] = field(default_factory=list)
+    """Extra host paths the agent needs to read (its interpreter, its package)."""
+    rw_paths: list[str] = field(default_factory=list)
+    """Extra host paths the agent may write besides the workspace (its per-session home)."""
+
+
+class CommandProcess(Protocol):
+    """A command started inside a sandbox for ACP ``terminal/*`` (asyncio Process shape)."""
+
+    stdout: asyncio.StreamReader | None
+    returncode: int | None
+
+    async def wait(self) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class Sandbox(ABC):
+    """One agent process in isolation. Subclasses set ``kind`` and implement the lifecycle."""
+
+    kind: ClassVar[str] = "abstract"
+    #: Whether this backend isolates the agent from the host at all.
+    isolated: ClassVar[bool] = True
+
+    def __init__(self, spec: SandboxSpec) -> None:
+        self.spec = spec
+        self.stdin: asyncio.StreamWriter | None = None
+        self.stdout: asyncio.StreamReader | None = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+
+    @classmethod
+    def create(cls, spec: SandboxSpec, *, parent: Any = None) -> Sandbox:
+        """Build a sandbox for ``spec``. ``parent`` is the configurable owner (the session
+        manager): a backend with its own admin traits (``c.DockerSandbox.*``) reads them there."""
+        return cls(spec)
+
+    @classmethod
+    def available(cls, *, parent: Any = None) -> tuple[bool, str]:
+        """Whether this backend can run on this host, and if not, why (shown to admins)."""
+        return True, ""
+
+    @classmethod
+    async def on_manager_start(cls, *, parent: Any = None) -> None:
+        """Called once when the session manager starts (e.g. remove orphans of a crashed run)."""
+
+    @classmethod
+    async def on_manager_stop(cls, *, parent: Any = None) -> None:
+        """Called once after the manager stopped every session (e.g. drain a warm pool)."""
+
+    @property
+    def workspace_path(self) -> str:
+        """The workspace directory as the agent sees it (its cwd and the root of fs requests)."""
+        return str(self.spec.workspace)
+
+    def limits_enforced(self) -> dict[str, bool]:
+        """Which of the limits this backend really enforces; reported in session stats."""
+        return {"mem_limit": False, "cpu_limit": False, "pids_limit": False, "disk_limit": False,
+                "network": False}
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Create and start the agent; afterwards ``stdin``/``stdout`` are connected."""
+
+    @abstractmethod
+    async def poll(self) -> int | None:
+        """The exit status if the agent has exited, else ``None`` (like ``Popen.poll``)."""
+
+    @abstractmethod
+    async def wait(self) -> int:
+        """Wait until the agent exits; return its exit status."""
+
+    @abstractmethod
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Stop the agent: polite signal, then kill after ``timeout`` seconds. Idempotent."""
+
+    async def remove(self) -> None:
+        """Release what the sandbox holds (container, cgroups). The workspace is kept."""
+
+    def exit_reason(self, status: int | None) -> str:
+        """Explain an exit in words: OOM kill, signal, exit code, with the stderr tail."""
+        if status is None:
+            return "the agent is still running"
+        if status < 0:
+            try:
+                name = signal.Signals(-status).name
+            except ValueError:
+                name = f"signal {-status}"
+            why = f"the agent was killed by {name}"
+        else:
+            why = f"the agent exited with status {status}"
+        tail = "\n".join(list(self.stderr_tail)[-5:])
+        return f"{why}; last output: {tail}" if tail else why
+
+    @abstractmethod
+    async def spawn_command(
+        self, argv: Sequence[str], *, cwd: str | None, env: dict[str, str] | None
+    ) -> CommandProcess:
+        """Run a command inside the sandbox (for ACP terminals), stdout and stderr merged."""
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Send ``sig`` to the process group led by ``pid``; a vanished group is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+class ProcessSandbox(Sandbox):
+    """A sandbox whose agent is a child process of the server (local, bubblewrap).
+
+    The child leads a new session (so TERM/KILL reach every process it starts), its stderr is
+    read line by line into the server log and ``stderr_tail``, and it is always reaped.
+    """
+
+    def __init__(self, spec: SandboxSpec) -> None:
+        super().__init__(spec)
+        self.process: asyncio.subprocess.Process | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
+
+    @abstractmethod
+    def command(self, argv: Sequence[str], *, cwd: str, env: dict[str, str]) -> list[str]:
+        """The host command line that runs ``argv`` inside this sandbox."""
+
+    def host_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The environment of the host-side process that is started."""
+        return env
+
+    async def prepare(self) -> None:
+        """Set up what must exist before the process starts (cgroups, directories)."""
+
+    async def start(self) -> None:
+        await self.prepare()
+        cmd = self.command(self.spec.argv, cwd=self.workspace_path, env=self.spec.env)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self.host_env(self.spec.env),
+                cwd=str(self.spec.workspace),
+                start_new_session=True,
+                limit=STDIO_LINE_LIMIT,
+            )
+        except OSError as e:
+            await self.remove()
+            raise SandboxError(f"Could not start the agent {cmd[0]!r}: {e.strerror or e}") from e
+        self.stdin, self.stdout = self.process.stdin, self.process.stdout
+        self._stderr_task = asyncio.create_task(self._drain_stderr(), name="acp-sandbox-stderr")
+
+    async def _drain_stderr(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        label = self.spec.labels.get("session", "?")
+        stream = self.process.stderr
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line longer than the limit: drop what is buffered
+                await stream.read(STDIO_LINE_LIMIT)
+                continue
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip()
+            self.stderr_tail.append(text)
+            log.debug("agent[%s] stderr: %s", label, text)
+
+    async def poll(self) -> int | None:
+        return None if self.process is None else self.process.returncode
+
+    async def wait(self) -> int:
+        if self.process is None:
+            raise SandboxError("The sandbox was never started")
+        status = await self.process.wait()
+        if self._stderr_task is not None:
+            # let the last stderr lines (often the reason of a crash) reach the tail
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._stderr_task), 1.0)
+        return status
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        if proc.returncode is None:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()
+            signal_group(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except asyncio.TimeoutError:
+                signal_group(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        # the leader is gone; make sure nothing it left in its group survives
+        signal_group(proc.pid, signal.SIGKILL)
+        if self._stderr_task is not None:
+            self._stderr_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stderr_task
+
+    async def spawn_command(
+        self, argv: Sequence[str], *, cwd: str | None, env: dict[str, str] | None
+    ) -> CommandProcess:
+        merged = {**self.spec.env, **(env or {})}
+        cmd = self.command(argv, cwd=cwd or self.workspace_path, env=merged)
+        return await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self.host_env(merged),
+            cwd=str(self.spec.workspace),
+            start_new_session=True,
+        )

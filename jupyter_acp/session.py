@@ -1,0 +1,539 @@
+"""One agent session: one sandboxed agent process, one ACP connection, one event stream.
+
+State machine::
+
+    starting ──> ready <──> busy
+        │          │          │
+        └──────────┴──────────┴──> error (reason kept; ``restart`` goes back to starting)
+                   └─────────────> stopped (final)
+
+Everything that happens is an *event* with a sequence number, kept in a bounded history and
+fanned out to subscribers (WebSockets, widgets). A subscriber that joins late reads the history
+first, so a reconnecting UI loses nothing. Prompt turns are not cut by a fixed timeout: they
+stream until the agent ends them, the user cancels, or the agent dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from acp import PROTOCOL_VERSION, connect_to_agent, schema, text_block
+from acp.exceptions import RequestError
+
+from .agents import AgentSpec
+from .client import AcpClient
+from .errors import (
+    AgentError,
+    AuthenticationRequired,
+    BadRequest,
+    PermissionNotFound,
+    SessionBusy,
+    SessionNotReady,
+)
+from .sandbox.base import Sandbox, SandboxSpec
+from .usage import TurnUsage, UsageLedger, UsageNormalizer
+
+log = logging.getLogger("jupyter_acp.session")
+
+Subscriber = Callable[[dict[str, Any]], None]
+
+
+class SessionState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+@dataclass
+class TurnResult:
+    """What one prompt turn produced."""
+
+    text: str
+    stop_reason: str
+    usage: TurnUsage
+    turn: int
+    duration: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "stop_reason": self.stop_reason, "usage": self.usage.to_dict(),
+                "turn": self.turn, "duration": round(self.duration, 6)}
+
+
+@dataclass
+class SessionOptions:
+    """Per-session settings decided by the manager (from the admin's config)."""
+
+    permission_policy: str = "ask"
+    """``ask`` the user, or ``allow`` / ``deny`` every request without asking."""
+    permission_timeout: float = 300.0
+    init_timeout: float = 60.0
+    max_history: int = 10_000
+    client_info: dict[str, str] = field(default_factory=lambda: {"name": "jupyter-acp", "version": "0.1.0"})
+
+
+@dataclass
+class PendingPermission:
+    request_id: str
+    tool_call: dict[str, Any]
+    options: list[schema.PermissionOption]
+    future: asyncio.Future[schema.RequestPermissionResponse]
+
+    def public(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "tool_call": self.tool_call,
+                "options": [o.model_dump(mode="json", by_alias=True, exclude_none=True) for o in self.options]}
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class AgentSession:
+    """A live agent for one user. Created and owned by ``UserSessionManager``."""
+
+    def __init__(
+        self,
+        *,
+        user: str,
+        spec: AgentSpec,
+        sandbox_factory: Callable[[], Sandbox],
+        sandbox_spec: SandboxSpec,
+        ledger: UsageLedger,
+        options: SessionOptions | None = None,
+        on_activity: Callable[[], None] | None = None,
+        on_audit: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.id = uuid.uuid4().hex
+        self.user = user
+        self.spec = spec
+        self.sandbox_spec = sandbox_spec
+        self._sandbox_factory = sandbox_factory
+        self.ledger = ledger
+        self.options = options or SessionOptions()
+        self._on_activity = on_activity
+        self._on_audit = on_audit
+        self.state = SessionState.STARTING
+        self.error: str | None = None
+        self.created = time.time()
+        self.last_activity = self.created
+        self.turns = 0
+        self.acp_session_id: str | None = None
+        self.agent_info: dict[str, Any] = {}
+        self.agent_capabilities: dict[str, Any] = {}
+        self.modes: dict[str, Any] | None = None
+        self.sandbox: Sandbox | None = None
+        self.client: AcpClient | None = None
+        self.conn: Any = None
+        self.usage = UsageNormalizer()
+        self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.options.max_history)
+        self.pending: dict[str, PendingPermission] = {}
+        self._seq = 0
+        self._subscribers: list[Subscriber] = []
+        self._watcher: asyncio.Task[None] | None = None
+        self._turn_text: list[str] = []
+        self._turn_task: asyncio.Task[Any] | None = None
+        self._replaying = False
+        self._lock = asyncio.Lock()
+
+    # -- events --------------------------------------------------------------------------------
+    def subscribe(self, callback: Subscriber, *, replay: bool = True) -> Callable[[], None]:
+        """Receive every event from now on (and the history first when ``replay``)."""
+        if replay:
+            for event in list(self.history):
+                callback(event)
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _emit(self, type_: str, data: dict[str, Any]) -> dict[str, Any]:
+        self._seq += 1
+        event = {"seq": self._seq, "type": type_, "time": time.time(), "data": data}
+        self.history.append(event)
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("A subscriber of session %s failed; dropping it", self.id)
+                with contextlib.suppress(ValueError):
+                    self._subscribers.remove(callback)
+        return event
+
+    def _set_state(self, state: SessionState, error: str | None = None) -> None:
+        self.state = state
+        self.error = error
+        self._emit("state", {"state": state.value, "error": error})
+
+    def touch(self) -> None:
+        self.last_activity = time.time()
+        if self._on_activity is not None:
+            self._on_activity()
+
+    def _audit(self, name: str, **data: Any) -> None:
+        if self._on_audit is not None:
+            self._on_audit(name, {"user": self.user, "session_id": self.id, "agent": self.spec.name, **data})
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self, *, load: bool = False) -> None:
+        """Start the sandbox, connect, ``initialize`` and open (or load) the ACP session."""
+        self.state, self.error = SessionState.STARTING, None
+        self._emit("state", {"state": "starting", "error": None})
+        try:
+            await self._start(load)
+        except Exception as e:
+            reason = self._explain(e)
+            await self._teardown()
+            self._set_state(SessionState.ERROR, reason)
+            if isinstance(e, AgentError | BadRequest):
+                raise
+            raise AgentError(reason) from e
+        self._set_state(SessionState.READY)
+        self._audit("started", sandbox=self.sandbox.kind if self.sandbox else None)
+
+    async def _start(self, load: bool) -> None:
+        self.sandbox = self._sandbox_factory()
+        await self.sandbox.start()
+        self.client = AcpClient(self, self.sandbox)
+        assert self.sandbox.stdin is not None and self.sandbox.stdout is not None
+        self.conn = connect_to_agent(self.client, self.sandbox.stdin, self.sandbox.stdout)
+        self._watcher = asyncio.create_task(self._watch(self.sandbox), name=f"acp-watch-{self.id}")
+        init = await self._bounded(
+            self.conn.initialize(
+                protocol_version=PROTOCOL_VERSION,
+                client_capabilities=schema.ClientCapabilities(
+                    fs=schema.FileSystemCapabilities(read_text_file=True, write_text_file=True),
+                    terminal=True,
+                ),
+                client_info=schema.Implementation(**self.options.client_info),
+            ),
+            "initialize",
+        )
+        self.agent_info = _dump(init.agent_info) if init.agent_info else {}
+        self.agent_capabilities = _dump(init.agent_capabilities) if init.agent_capabilities else {}
+        cwd = self.sandbox.workspace_path
+        if load and self.acp_session_id and self.agent_capabilities.get("loadSession"):
+            self._replaying = True
+            try:
+                resp = await self._bounded(
+                    self.conn.load_session(cwd=cwd, session_id=self.acp_session_id, mcp_servers=[]),
+                    "session/load",
+                )
+                self._set_modes(getattr(resp, "modes", None))
+                return
+            except AgentError as e:
+                log.warning("session/load failed for %s (%s); opening a new ACP session", self.id, e)
+            finally:
+                self._replaying = False
+        resp = await self._bounded(self.conn.new_session(cwd=cwd, mcp_servers=[]), "session/new")
+        self.acp_session_id = resp.session_id
+        self._set_modes(resp.modes)
+
+    async def _bounded(self, aw: Any, what: str) -> Any:
+        """Await an ACP request with the init timeout, racing the agent's death."""
+        timeout = self.options.init_timeout
+        task = asyncio.ensure_future(aw)
+        watcher = self._watcher
+        waiters = {task} | ({watcher} if watcher is not None else set())
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            try:
+                return task.result()
+            except RequestError as e:
+                raise self._request_error(e, what) from e
+            except ConnectionError:
+                pass  # the agent went away: explained below
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        if not done:
+            raise AgentError(f"The agent did not answer {what} within {timeout:g} s")
+        raise AgentError(f"The agent stopped during {what}: {await self._death_reason()}")
+
+    def _request_error(self, e: RequestError, what: str) -> AgentError:
+        if e.code == -32000:
+            needed = ", ".join(sorted(self.spec.credential_env.values())) or "its credentials"
+            return AuthenticationRequired(
+                f"{self.spec.display_name} needs credentials to {what}: set {needed} "
+                "(ask your admin, or pass credentials when starting the session)"
+            )
+        detail = e.data.get("details") if isinstance(e.data, dict) else None
+        return AgentError(f"The agent refused {what}: {e}" + (f" ({detail})" if detail else ""))
+
+    async def _death_reason(self) -> str:
+        if self._watcher is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._watcher), 2.0)
+        if self.sandbox is None:
+            return "the agent is gone"
+        return self.sandbox.exit_reason(await self.sandbox.poll())
+
+    def _explain(self, e: BaseException) -> str:
+        if isinstance(e, AgentError | BadRequest):
+            return str(e)
+        return f"Could not start {self.spec.display_name}: {e}"
+
+    async def _watch(self, sandbox: Sandbox) -> None:
+        """Turn the agent's death into the ``error`` state (unless we stopped it)."""
+        status = await sandbox.wait()
+        if self.sandbox is sandbox and self.state in (SessionState.READY, SessionState.BUSY,
+                                                      SessionState.STARTING):
+            reason = sandbox.exit_reason(status)
+            log.warning("Agent of session %s (user %s) died: %s", self.id, self.user, reason)
+            self._cancel_pending_permissions()
+            if self.state is not SessionState.STARTING:
+                self._set_state(SessionState.ERROR, reason)
+
+    def _set_modes(self, modes: Any) -> None:
+        self.modes = _dump(modes) if modes is not None else None
+
+    async def stop(self, reason: str = "stopped by the user") -> None:
+        """Stop the agent and remove the sandbox; the workspace stays. Final."""
+        if self.state is SessionState.STOPPED:
+            return
+        self._cancel_pending_permissions()
+        if self._turn_task is not None:
+            self._turn_task.cancel()
+        await self._teardown()
+        self._set_state(SessionState.STOPPED)
+        self._audit("stopped", reason=reason)
+
+    async def _teardown(self) -> None:
+        sandbox, self.sandbox = self.sandbox, None
+        if self.client is not None:
+            await self.client.close()
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                await self.conn.close()
+            self.conn = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watcher
+            self._watcher = None
+        if sandbox is not None:
+            try:
+                await sandbox.stop()
+            finally:
+                await sandbox.remove()
+
+    async def restart(self) -> None:
+        """Start a fresh agent process; continue the conversation through session/load if possible."""
+        if self.state is SessionState.STOPPED:
+            raise SessionNotReady("This session was stopped; start a new one")
+        if self.state is SessionState.BUSY:
+            raise SessionBusy("A prompt turn is running; cancel it before restarting")
+        async with self._lock:
+            self._cancel_pending_permissions()
+            await self._teardown()
+            await self.start(load=True)
+
+    # -- prompt turns --------------------------------------------------------------------------
+    async def prompt(self, text: str) -> TurnResult:
+        """Run one prompt turn to its end; events stream to subscribers meanwhile."""
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequest("The message is empty")
+        if self.state is SessionState.BUSY:
+            raise SessionBusy("The agent is still answering the previous message; cancel it or wait")
+        if self.state is not SessionState.READY:
+            why = f": {self.error}" if self.error else ""
+            raise SessionNotReady(f"The session is {self.state.value}{why}")
+        self.ledger.check_quota(self.user)
+        self._set_state(SessionState.BUSY)
+        self.turns += 1
+        turn, started = self.turns, time.time()
+        self._turn_text = []
+        self.usage.begin_turn()
+        self.touch()
+        self._emit("user_message", {"text": text, "turn": turn})
+        self._turn_task = asyncio.ensure_future(
+            self.conn.prompt(session_id=self.acp_session_id, prompt=[text_block(text)])
+        )
+        watcher = self._watcher
+        response = None
+        try:
+            done, _ = await asyncio.wait({self._turn_task} | ({watcher} if watcher else set()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if self._turn_task in done:
+                response = self._turn_task.result()
+        except asyncio.CancelledError:
+            if self.state is SessionState.STOPPED:
+                raise SessionNotReady("The session was stopped during the turn") from None
+            raise
+        except RequestError as e:
+            self._finish_turn(turn, started, None)
+            self._set_state(SessionState.READY)
+            err = self._request_error(e, "the prompt")
+            self._emit("error", {"message": str(err), "turn": turn})
+            raise err from e
+        except ConnectionError:
+            response = None
+        finally:
+            self._turn_task = None
+        if response is None:  # the agent died mid-turn
+            reason = await self._death_reason()
+            self._finish_turn(turn, started, None)
+            if self.state is not SessionState.STOPPED:
+                self._set_state(SessionState.ERROR, reason)
+            self._emit("error", {"message": f"The agent stopped during the turn: {reason}", "turn": turn})
+            raise AgentError(f"The agent stopped during the turn: {reason}")
+        result = self._finish_turn(turn, started, response)
+        self._set_state(SessionState.READY)
+        return result
+
+    def _finish_turn(self, turn: int, started: float, response: Any) -> TurnResult:
+        usage = self.usage.end_turn(response)
+        ended = time.time()
+        if usage.source != "none" or usage.cost:
+            self.ledger.record(user=self.user, session_id=self.id, agent=self.spec.name, turn=turn,
+                               usage=usage, started_at=started, ended_at=ended)
+        stop_reason = str(response.stop_reason) if response is not None else "error"
+        result = TurnResult("".join(self._turn_text), stop_reason, usage, turn, ended - started)
+        self._emit("turn_end", result.to_dict())
+        self.touch()
+        return result
+
+    async def cancel(self) -> bool:
+        """Ask the agent to stop the running turn (ACP ``session/cancel``). False if idle."""
+        if self.state is not SessionState.BUSY or self.conn is None:
+            return False
+        self._cancel_pending_permissions()
+        await self.conn.cancel(session_id=self.acp_session_id)
+        self._emit("cancel_requested", {})
+        return True
+
+    async def set_mode(self, mode_id: str) -> None:
+        if self.state not in (SessionState.READY, SessionState.BUSY):
+            raise SessionNotReady(f"The session is {self.state.value}")
+        available = [m["id"] for m in (self.modes or {}).get("availableModes", [])]
+        if mode_id not in available:
+            raise BadRequest(f"Unknown mode {mode_id!r}; available: {', '.join(available) or 'none'}")
+        try:
+            await self.conn.set_session_mode(session_id=self.acp_session_id, mode_id=mode_id)
+        except RequestError as e:
+            raise self._request_error(e, "the mode change") from e
+        if self.modes is not None:
+            self.modes["currentModeId"] = mode_id
+
+    # -- the client's callbacks ----------------------------------------------------------------
+    async def on_session_update(self, update: Any, meta: dict[str, Any] | None) -> None:
+        if self._replaying:
+            return  # session/load replays what our history already holds
+        self.usage.on_update(update)
+        kind = getattr(update, "session_update", None)
+        if kind == "agent_message_chunk":
+            content = getattr(update, "content", None)
+            if getattr(content, "type", None) == "text":
+                self._turn_text.append(content.text)
+        elif kind == "current_mode_update" and self.modes is not None:
+            self.modes["currentModeId"] = update.current_mode_id
+        self.last_activity = time.time()
+        self._emit("session_update", _dump(update))
+
+    async def on_permission_request(self, tool_call: schema.ToolCallUpdate,
+                                    options: list[schema.PermissionOption]
+                                    ) -> schema.RequestPermissionResponse:
+        policy = self.options.permission_policy
+        if policy in ("allow", "deny"):
+            response = self._choose(options, allow=policy == "allow")
+            self._audit("permission", decision=policy, by="policy", tool_call=tool_call.title)
+            return response
+        request_id = uuid.uuid4().hex[:16]
+        future: asyncio.Future[schema.RequestPermissionResponse] = asyncio.get_running_loop().create_future()
+        pending = PendingPermission(request_id, _dump(tool_call), options, future)
+        self.pending[request_id] = pending
+        self._emit("permission_request", pending.public())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.options.permission_timeout)
+        except asyncio.TimeoutError:
+            self._resolve(request_id, self._choose(options, allow=False), by="timeout")
+            return future.result()
+        finally:
+            self.pending.pop(request_id, None)
+
+    @staticmethod
+    def _choose(options: list[schema.PermissionOption], *, allow: bool) -> schema.RequestPermissionResponse:
+        kinds = ("allow_once", "allow_always") if allow else ("reject_once", "reject_always")
+        for option in options:
+            if option.kind in kinds:
+                return schema.RequestPermissionResponse(
+                    outcome=schema.AllowedOutcome(outcome="selected", option_id=option.option_id))
+        return schema.RequestPermissionResponse(outcome=schema.DeniedOutcome(outcome="cancelled"))
+
+    def answer_permission(self, request_id: str, option_id: str | None) -> None:
+        """The user's answer: an option id, or None to dismiss (reject)."""
+        pending = self.pending.get(request_id)
+        if pending is None or pending.future.done():
+            raise PermissionNotFound(f"No pending permission request {request_id!r}")
+        if option_id is None:
+            response = self._choose(pending.options, allow=False)
+        else:
+            if option_id not in {o.option_id for o in pending.options}:
+                valid = ", ".join(o.option_id for o in pending.options)
+                raise BadRequest(f"Unknown option {option_id!r}; choose one of: {valid}")
+            response = schema.RequestPermissionResponse(
+                outcome=schema.AllowedOutcome(outcome="selected", option_id=option_id))
+        self._resolve(request_id, response, by="user")
+
+    def _resolve(self, request_id: str, response: schema.RequestPermissionResponse, *, by: str) -> None:
+        pending = self.pending.get(request_id)
+        if pending is None or pending.future.done():
+            return
+        pending.future.set_result(response)
+        outcome = response.outcome
+        option_id = getattr(outcome, "option_id", None)
+        self._emit("permission_resolved", {"request_id": request_id, "outcome": outcome.outcome,
+                                           "option_id": option_id, "by": by})
+        self._audit("permission", request_id=request_id, decision=option_id or outcome.outcome, by=by,
+                    tool_call=pending.tool_call.get("title"))
+
+    def _cancel_pending_permissions(self) -> None:
+        for request_id in list(self.pending):
+            self._resolve(request_id, schema.RequestPermissionResponse(
+                outcome=schema.DeniedOutcome(outcome="cancelled")), by="cancel")
+
+    # -- stats ---------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The seed design's ``getSessionStats``, kept locally (never asked of the agent)."""
+        totals = self.ledger.session_totals(self.id)
+        limits = self.sandbox_spec.limits
+        return {
+            "id": self.id,
+            "user": self.user,
+            "agent": self.spec.name,
+            "agent_display_name": self.spec.display_name,
+            "demo": self.spec.demo,
+            "state": self.state.value,
+            "error": self.error,
+            "created": self.created,
+            "last_activity": self.last_activity,
+            "turns": self.turns,
+            "tokens": {k: totals[k] for k in ("input_tokens", "output_tokens", "thought_tokens",
+                                               "cached_read_tokens", "total_tokens")},
+            "cost": totals["cost"],
+            "currency": self.usage.currency,
+            "context": {"used": self.usage.context_used, "size": self.usage.context_size},
+            "workspace": str(self.sandbox_spec.workspace),
+            "sandbox": self.sandbox.kind if self.sandbox else None,
+            "limits": {"mem_limit": limits.mem_limit, "cpu_limit": limits.cpu_limit,
+                       "pids_limit": limits.pids_limit, "disk_limit": limits.disk_limit,
+                       "network": limits.network,
+                       "enforced": self.sandbox.limits_enforced() if self.sandbox else {}},
+            "modes": self.modes,
+            "agent_info": self.agent_info,
+            "acp_session_id": self.acp_session_id,
+            "pending_permissions": [p.public() for p in self.pending.values()],
+            "last_seq": self._seq,
+        }
