@@ -10,7 +10,7 @@ Commands (the first word of the prompt):
 ==================  ==============================================================
 ``/write NAME TXT``  ask permission (unless in ``yolo`` mode), then write TXT to NAME
 ``/read NAME``       read NAME through ``fs/read_text_file`` and reply with it
-``/shell CMD ...``   run CMD in a client terminal and reply with its output
+``/shell LINE``       run LINE with /bin/sh -c in a client terminal, reply with output
 ``/plan``            send a three-step plan
 ``/stream N``        stream N chunks as fast as possible (benchmarks)
 ``/sleep S``         stream one chunk, then wait S seconds (cancellable)
@@ -218,8 +218,9 @@ class DemoAgent:
 
     async def _cmd_shell(self, sid, state, args, cancel):
         if not args:
-            return (await self._reply(sid, "Usage: /shell CMD [ARGS...]")), "end_turn"
-        term = await self.conn.create_terminal(session_id=sid, command=args[0], args=args[1:],
+            return (await self._reply(sid, "Usage: /shell COMMAND LINE")), "end_turn"
+        term = await self.conn.create_terminal(session_id=sid, command="/bin/sh",
+                                               args=["-c", " ".join(args)],
                                                cwd=state["cwd"], output_byte_limit=65536)
         exit_status = await self.conn.wait_for_terminal_exit(session_id=sid, terminal_id=term.terminal_id)
         output = await self.conn.terminal_output(session_id=sid, terminal_id=term.terminal_id)

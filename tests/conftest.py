@@ -1,0 +1,81 @@
+"""Shared fixtures. Ours are prefixed ``acp_``; pytest-jupyter's start with ``jp_``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jupyter_acp.manager import UserSessionManager
+from jupyter_acp.session import AgentSession
+from jupyter_acp.usage import UsageLedger
+
+
+def acp_require(switch: str, ok: bool, reason: str) -> None:
+    """Skip when a part is missing, or fail when the CI switch ``switch`` (=1) says it must be there.
+
+    ``.ci/run`` sets JUPYTER_ACP_REQUIRE_SANDBOX / _DOCKER / _BROWSER so that nothing that should
+    have run in CI is silently skipped.
+    """
+    if ok:
+        return
+    if os.environ.get(switch) == "1":
+        pytest.fail(f"{reason} (required because {switch}=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def acp_ledger(tmp_path: Path) -> UsageLedger:
+    ledger = UsageLedger(db_url=f"sqlite:///{tmp_path / 'usage.sqlite'}")
+    yield ledger
+    ledger.close()
+
+
+@pytest.fixture
+def acp_workspace_root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+async def acp_managers(tmp_path: Path, acp_workspace_root: Path, acp_ledger: UsageLedger
+                       ) -> AsyncIterator[Callable[..., UserSessionManager]]:
+    """Build managers (keyword arguments are traits); every agent is stopped after the test."""
+    made: list[UserSessionManager] = []
+
+    def make(**traits: Any) -> UserSessionManager:
+        traits.setdefault("root_dir", str(acp_workspace_root))
+        traits.setdefault("agent_home_dir", str(tmp_path / "homes"))
+        traits.setdefault("monitor_interval", 0)
+        traits.setdefault("sandbox", "local")
+        manager = UserSessionManager(ledger=traits.pop("ledger", acp_ledger), **traits)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        await manager.shutdown()
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy (bounded), and return that."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+async def answer_next_permission(session: AgentSession, option_id: str | None) -> str:
+    """Wait for the session's next permission request and answer it; returns the request id."""
+    request_id = await wait_for(lambda: next(iter(session.pending), None))
+    session.answer_permission(request_id, option_id)
+    return request_id
