@@ -91,7 +91,7 @@ class PendingPermission:
 
     def public(self) -> dict[str, Any]:
         return {"request_id": self.request_id, "tool_call": self.tool_call,
-                "options": [o.model_dump(mode="json", by_alias=True, exclude_none=True) for o in self.options]}
+                "options": [_dump(o) for o in self.options]}
 
 
 def _dump(model: Any) -> dict[str, Any]:

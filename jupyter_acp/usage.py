@@ -138,6 +138,7 @@ class UsageNormalizer:
         for key in TOKEN_FIELDS:
             setattr(turn, key, _int(values.get(key)))
         turn.total_tokens = total or (turn.input_tokens + turn.output_tokens + turn.thought_tokens)
+        turn.model = self._model  # the quota block may have named it
         self.begin_turn()
         return turn
 
@@ -191,7 +192,8 @@ _SUMS = [func.coalesce(func.sum(usage_table.c[name]), 0).label(name)
 
 
 def utc_day(ts: float | None = None) -> str:
-    return dt.datetime.fromtimestamp(ts if ts is not None else time.time(), dt.timezone.utc).date().isoformat()
+    moment = dt.datetime.fromtimestamp(ts if ts is not None else time.time(), dt.timezone.utc)
+    return moment.date().isoformat()
 
 
 class UsageLedger(LoggingConfigurable):

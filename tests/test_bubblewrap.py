@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import pytest
 from conftest import acp_require
@@ -90,7 +91,7 @@ async def test_pids_limit_holds(acp_managers):
     session = await limited.create_user_session("alice", "demo")
     if not session.stats()["limits"]["enforced"]["pids_limit"]:
         acp_require("JUPYTER_ACP_REQUIRE_SANDBOX", False, "cgroups are not writable here")
-    status, out = await run(session, "i=0; while [ $i -lt 100 ]; do sleep 5 & i=$((i+1)); done; "
+    _, out = await run(session, "i=0; while [ $i -lt 100 ]; do sleep 5 & i=$((i+1)); done; "
                                      "echo started $i; kill $(jobs -p) 2>/dev/null")
     assert "started 100" not in out
     assert "fork" in out.lower() or "resource temporarily unavailable" in out.lower(), out
@@ -117,4 +118,5 @@ async def test_agent_dies_with_the_sandbox_stop(manager):
     session = await manager.create_user_session("alice", "demo")
     pid = session.sandbox.process.pid
     await manager.delete_user_session("alice", session.id)
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    stat = Path(f"/proc/{pid}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z"

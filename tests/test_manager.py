@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import acp_require, answer_next_permission, wait_for
@@ -296,7 +295,7 @@ async def test_unsandboxed_real_agents_are_refused(acp_managers, tmp_path):
 async def test_agent_that_never_initializes_times_out(acp_managers, tmp_path):
     manager = acp_managers(sandbox="local", allow_unsandboxed=True, init_timeout=0.5)
     manager.agents.agents = {"mute": {"command": ["sleep", "1000"]}}
-    with pytest.raises(AgentError, match="did not answer initialize within 0.5 s"):
+    with pytest.raises(AgentError, match=r"did not answer initialize within 0\.5 s"):
         await manager.create_user_session("alice", "mute")
     assert manager.get_user_sessions("alice") == []  # a failed start leaves nothing behind
 
@@ -304,7 +303,7 @@ async def test_agent_that_never_initializes_times_out(acp_managers, tmp_path):
 async def test_agent_that_exits_at_start_explains_why(acp_managers):
     manager = acp_managers(sandbox="local", allow_unsandboxed=True)
     manager.agents.agents = {"broken": {"command": ["sh", "-c", "echo missing API key >&2; exit 2"]}}
-    with pytest.raises(AgentError, match="status 2.*missing API key"):
+    with pytest.raises(AgentError, match=r"status 2.*missing API key"):
         await manager.create_user_session("alice", "broken")
 
 

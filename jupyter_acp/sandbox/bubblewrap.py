@@ -83,7 +83,8 @@ class CgroupSet:
             except OSError as e:
                 log.warning("Could not set the %s limit of sandbox %s: %s", controller, self.name, e)
                 continue
-            self.enforced[{"memory": "mem_limit", "cpu": "cpu_limit", "pids": "pids_limit"}[controller]] = True
+            name = {"memory": "mem_limit", "cpu": "cpu_limit", "pids": "pids_limit"}[controller]
+            self.enforced[name] = True
 
     def _enable_v2_controllers(self) -> None:
         parent = CGROUP_ROOT / "jupyter-acp"

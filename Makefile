@@ -1,0 +1,64 @@
+# jupyter-acp: the two commands a newcomer needs are `make run` and `make test`.
+#
+#   make run    venv + package + JupyterLab, then start it with the extension and the demo agent
+#   make test   venv + test extras + system packages (bubblewrap, a Docker engine when root),
+#               ruff, then the whole suite
+#   make bench  the side-by-side benchmarks in bench/
+#   make lint   ruff only
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+DOCKER_ENV := .docker-env
+PYTEST_ARGS ?=
+JUPYTER_ARGS ?=
+
+.PHONY: run test bench lint venv system-deps docker clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,lab,docker]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+# System packages the tests need. Installed when missing and we are root (CI, fresh machines);
+# otherwise the sandbox tests say what is missing (and fail in CI, see .ci/run).
+system-deps:
+	@if ! command -v bwrap >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else echo "bubblewrap is missing (apt-get install bubblewrap); its tests will be skipped"; fi; \
+	fi
+
+# A Docker engine and the locally built sandbox image (no registry is ever contacted).
+# scripts/docker-engine prints the DOCKER_HOST to use as its last line.
+docker:
+	@rm -f $(DOCKER_ENV)
+	@if [ -x scripts/docker-engine ]; then \
+	  if host=$$(scripts/docker-engine | tail -n 1) && [ -n "$$host" ]; then \
+	    echo "export $$host" > $(DOCKER_ENV); . ./$(DOCKER_ENV); \
+	    scripts/sandbox-image || { echo "could not build the sandbox image"; rm -f $(DOCKER_ENV); }; \
+	  else echo "no Docker engine here; the docker tests will be skipped"; fi; \
+	fi
+
+lint: venv
+	$(BIN)/ruff check jupyter_acp tests bench
+
+test: venv system-deps docker lint
+	@if [ -f $(DOCKER_ENV) ]; then . ./$(DOCKER_ENV); fi; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: venv system-deps docker
+	@if [ -f $(DOCKER_ENV) ]; then . ./$(DOCKER_ENV); fi; \
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+run: venv
+	@echo "Starting JupyterLab with jupyter-acp (open the URL below; the demo agent needs no setup)"
+	$(BIN)/jupyter lab --ServerApp.jpserver_extensions="{'jupyter_acp': True}" $(JUPYTER_ARGS)
+
+clean:
+	rm -rf $(VENV) $(DOCKER_ENV) .pytest_cache .ruff_cache
