@@ -131,6 +131,7 @@ class AgentSession:
         self.agent_info: dict[str, Any] = {}
         self.agent_capabilities: dict[str, Any] = {}
         self.modes: dict[str, Any] | None = None
+        self.config_options: list[dict[str, Any]] = []
         self.sandbox: Sandbox | None = None
         self.client: AcpClient | None = None
         self.conn: Any = None
@@ -231,7 +232,7 @@ class AgentSession:
                     self.conn.load_session(cwd=cwd, session_id=self.acp_session_id, mcp_servers=[]),
                     "session/load",
                 )
-                self._set_modes(getattr(resp, "modes", None))
+                self._set_modes(getattr(resp, "modes", None), getattr(resp, "config_options", None))
                 return
             except AgentError as e:
                 log.warning("session/load failed for %s (%s); opening a new ACP session", self.id, e)
@@ -239,7 +240,7 @@ class AgentSession:
                 self._replaying = False
         resp = await self._bounded(self.conn.new_session(cwd=cwd, mcp_servers=[]), "session/new")
         self.acp_session_id = resp.session_id
-        self._set_modes(resp.modes)
+        self._set_modes(resp.modes, getattr(resp, "config_options", None))
 
     async def _bounded(self, aw: Any, what: str) -> Any:
         """Await an ACP request with the init timeout, racing the agent's death."""
@@ -296,8 +297,9 @@ class AgentSession:
             if self.state is not SessionState.STARTING:
                 self._set_state(SessionState.ERROR, reason)
 
-    def _set_modes(self, modes: Any) -> None:
+    def _set_modes(self, modes: Any, config_options: Any = None) -> None:
         self.modes = _dump(modes) if modes is not None else None
+        self.config_options = [_dump(o) for o in config_options or []]
 
     async def stop(self, reason: str = "stopped by the user") -> None:
         """Stop the agent and remove the sandbox; the workspace stays. Final."""
@@ -427,6 +429,22 @@ class AgentSession:
         if self.modes is not None:
             self.modes["currentModeId"] = mode_id
 
+    async def set_config_option(self, config_id: str, value: str | bool) -> None:
+        """ACP ``session/set_config_option`` (e.g. a model or reasoning-effort selector)."""
+        if self.state not in (SessionState.READY, SessionState.BUSY):
+            raise SessionNotReady(f"The session is {self.state.value}")
+        known = {o.get("id") for o in self.config_options}
+        if config_id not in known:
+            raise BadRequest(f"Unknown config option {config_id!r}; available: "
+                             f"{', '.join(sorted(k for k in known if k)) or 'none'}")
+        try:
+            resp = await self.conn.set_config_option(config_id=config_id, session_id=self.acp_session_id,
+                                                     value=value)
+        except RequestError as e:
+            raise self._request_error(e, "the option change") from e
+        if resp is not None and getattr(resp, "config_options", None):
+            self.config_options = [_dump(o) for o in resp.config_options]
+
     # -- the client's callbacks ----------------------------------------------------------------
     async def on_session_update(self, update: Any, meta: dict[str, Any] | None) -> None:
         if self._replaying:
@@ -439,6 +457,8 @@ class AgentSession:
                 self._turn_text.append(content.text)
         elif kind == "current_mode_update" and self.modes is not None:
             self.modes["currentModeId"] = update.current_mode_id
+        elif kind == "config_option_update":
+            self.config_options = [_dump(o) for o in update.config_options]
         self.last_activity = time.time()
         self._emit("session_update", _dump(update))
 
@@ -532,6 +552,7 @@ class AgentSession:
                        "network": limits.network,
                        "enforced": self.sandbox.limits_enforced() if self.sandbox else {}},
             "modes": self.modes,
+            "config_options": self.config_options,
             "agent_info": self.agent_info,
             "acp_session_id": self.acp_session_id,
             "pending_permissions": [p.public() for p in self.pending.values()],

@@ -171,6 +171,13 @@ async def test_plan_modes_and_read(manager, acp_workspace_root):
         await session.set_mode("reckless")
     await session.set_mode("yolo")
     assert session.stats()["modes"]["currentModeId"] == "yolo"
+    assert [o["id"] for o in session.stats()["config_options"]] == ["style"]
+    with pytest.raises(BadRequest, match="Unknown config option"):
+        await session.set_config_option("colour", "red")
+    await session.set_config_option("style", "shout")
+    assert session.config_options[0]["currentValue"] == "shout"
+    assert (await manager.send_message("alice", session.id, "hi")).text.startswith("DEMO AGENT")
+    await session.set_config_option("style", "plain")
     # in yolo mode the agent writes without asking
     assert (await manager.send_message("alice", session.id, "/write y.txt ok")).text.startswith("Wrote")
 

@@ -17,6 +17,7 @@ Commands (the first word of the prompt):
 ``/crash``           stream one chunk, then exit with status 3 mid-turn
 ``/oom``             allocate memory until the sandbox kills the process
 ``/fail``            answer the prompt with a JSON-RPC error
+(config option)      ``style``: ``plain`` or ``shout`` (replies in upper case)
 anything else        reply "Demo agent (no LLM) heard N words: ..." in several chunks
 ==================  ==============================================================
 
@@ -43,6 +44,8 @@ from acp.exceptions import RequestError
 CONTEXT_SIZE = 100_000
 USD_PER_TOKEN = 0.000002
 MODES = [("default", "Ask before writing"), ("yolo", "Write without asking")]
+#: The demo's one config option (``session/set_config_option``): how replies are written.
+STYLES = [("plain", "Plain"), ("shout", "Upper case")]
 
 
 def count_tokens(text: str) -> int:
@@ -78,11 +81,27 @@ class DemoAgent:
             available_modes=[schema.SessionMode(id=i, name=n) for i, n in MODES],
         )
 
+    @staticmethod
+    def _config(style: str) -> list[schema.SessionConfigOptionSelect]:
+        return [schema.SessionConfigOptionSelect(
+            type="select", id="style", name="Reply style (demo)", current_value=style,
+            options=[schema.SessionConfigSelectOption(value=v, name=n) for v, n in STYLES])]
+
     async def new_session(self, cwd: str, mcp_servers=None, **kwargs: Any) -> schema.NewSessionResponse:
         sid = f"demo-{uuid.uuid4().hex[:12]}"
-        self.sessions[sid] = {"cwd": cwd, "mode": "default", "history": [], "usage": [0, 0]}
+        self.sessions[sid] = {"cwd": cwd, "mode": "default", "style": "plain", "history": [],
+                              "usage": [0, 0]}
         self._save(sid)
-        return schema.NewSessionResponse(session_id=sid, modes=self._modes("default"))
+        return schema.NewSessionResponse(session_id=sid, modes=self._modes("default"),
+                                         config_options=self._config("plain"))
+
+    async def set_config_option(self, config_id: str, session_id: str, value: str | bool, **kwargs: Any):
+        state = self._session(session_id)
+        if config_id != "style" or value not in dict(STYLES):
+            raise RequestError.invalid_params({"config_id": config_id, "value": value})
+        state["style"] = value
+        self._save(session_id)
+        return schema.SetSessionConfigOptionResponse(config_options=self._config(value))
 
     async def load_session(self, cwd: str, session_id: str, mcp_servers=None, **kwargs: Any):
         path = self.state_dir / f"{session_id}.json"
@@ -96,7 +115,8 @@ class DemoAgent:
             update = (helpers.update_user_message_text(text) if role == "user"
                       else helpers.update_agent_message_text(text))
             await self.conn.session_update(session_id=session_id, update=update)
-        return schema.LoadSessionResponse(modes=self._modes(state["mode"]))
+        return schema.LoadSessionResponse(modes=self._modes(state["mode"]),
+                                          config_options=self._config(state.get("style", "plain")))
 
     def _save(self, sid: str) -> None:
         try:
@@ -164,6 +184,8 @@ class DemoAgent:
 
     async def _say(self, sid: str, text: str) -> list[str]:
         """Stream ``text`` as several chunks (one per word, spaces kept) and return them."""
+        if self.sessions.get(sid, {}).get("style") == "shout":
+            text = text.upper()
         chunks = [w + " " for w in text.split(" ")]
         chunks[-1] = chunks[-1][:-1]
         for chunk in chunks:
