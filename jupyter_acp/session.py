@@ -39,7 +39,8 @@ from .errors import (
     SessionBusy,
     SessionNotReady,
 )
-from .sandbox.base import Sandbox, SandboxSpec
+from .linefilter import filtered_reader
+from .sandbox.base import STDIO_LINE_LIMIT, Sandbox, SandboxSpec
 from .usage import TurnUsage, UsageLedger, UsageNormalizer
 
 log = logging.getLogger("jupyter_acp.session")
@@ -141,6 +142,7 @@ class AgentSession:
         self._seq = 0
         self._subscribers: list[Subscriber] = []
         self._watcher: asyncio.Task[None] | None = None
+        self._filter: asyncio.Task[None] | None = None
         self._turn_text: list[str] = []
         self._turn_task: asyncio.Task[Any] | None = None
         self._replaying = False
@@ -209,7 +211,9 @@ class AgentSession:
         await self.sandbox.start()
         self.client = AcpClient(self, self.sandbox)
         assert self.sandbox.stdin is not None and self.sandbox.stdout is not None
-        self.conn = connect_to_agent(self.client, self.sandbox.stdin, self.sandbox.stdout)
+        reader, self._filter = filtered_reader(self.sandbox.stdout, limit=STDIO_LINE_LIMIT,
+                                               on_drop=self._on_dropped_line, label=self.id)
+        self.conn = connect_to_agent(self.client, self.sandbox.stdin, reader)
         self._watcher = asyncio.create_task(self._watch(self.sandbox), name=f"acp-watch-{self.id}")
         init = await self._bounded(
             self.conn.initialize(
@@ -279,7 +283,11 @@ class AgentSession:
                 await asyncio.wait_for(asyncio.shield(self._watcher), 2.0)
         if self.sandbox is None:
             return "the agent is gone"
-        return self.sandbox.exit_reason(await self.sandbox.poll())
+        status = await self.sandbox.poll()
+        if status is None:  # the process lives but the connection broke: it cannot be trusted
+            await self.sandbox.stop()
+            return "the connection to the agent broke (it closed its output or broke the protocol)"
+        return self.sandbox.exit_reason(status)
 
     def _explain(self, e: BaseException) -> str:
         if isinstance(e, AgentError | BadRequest):
@@ -296,6 +304,9 @@ class AgentSession:
             self._cancel_pending_permissions()
             if self.state is not SessionState.STARTING:
                 self._set_state(SessionState.ERROR, reason)
+
+    def _on_dropped_line(self, what: str, size: int) -> None:
+        self._emit("error", {"message": f"The agent sent {what}; it was dropped (protocol error)"})
 
     def _set_modes(self, modes: Any, config_options: Any = None) -> None:
         self.modes = _dump(modes) if modes is not None else None
@@ -320,6 +331,9 @@ class AgentSession:
             with contextlib.suppress(Exception):
                 await self.conn.close()
             self.conn = None
+        if self._filter is not None:
+            self._filter.cancel()
+            self._filter = None
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(BaseException):
@@ -383,7 +397,10 @@ class AgentSession:
         except ConnectionError:
             response = None
         finally:
-            self._turn_task = None
+            task, self._turn_task = self._turn_task, None
+            if task is not None and not task.done():  # the agent died first: nobody awaits it now
+                task.cancel()
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
         if response is None:  # the agent died mid-turn
             reason = await self._death_reason()
             self._finish_turn(turn, started, None)
