@@ -36,6 +36,7 @@ from .errors import (
 )
 from .sandbox import backend
 from .sandbox.base import ResourceLimits, Sandbox, SandboxSpec
+from .sandbox.remote import RemoteAgent
 from .session import AgentSession, SessionOptions, SessionState, TurnResult
 from .usage import TurnUsage, UsageLedger
 
@@ -229,7 +230,7 @@ class UserSessionManager(LoggingConfigurable):
         super().__init__(**kwargs)
         self._sessions: dict[str, AgentSession] = {}
         self._monitor: asyncio.Task[None] | None = None
-        self._started_backends: set[str] = set()
+        self._started_backends: set[type[Sandbox]] = set()
         #: Called on agent activity (the extension keeps ``acp_last_activity`` fresh with it).
         self.on_activity: Callable[[], None] | None = None
         #: Called with (event name, data) for audit events (the extension's event logger).
@@ -310,9 +311,6 @@ class UserSessionManager(LoggingConfigurable):
         """Start an agent session for ``username`` (or return their live one of that agent)."""
         spec = (self.agents.select_best_agent(capabilities) if capabilities and not agent
                 else self.agents.get_available(agent))
-        if spec.url:
-            raise AgentUnavailable(f"{spec.display_name} is a remote (WebSocket) agent; "
-                                   "remote agents are not supported by this server yet")
         workspace = self.workspace_for(username, cwd)
         if not new:
             for session in self._sessions.values():
@@ -329,7 +327,7 @@ class UserSessionManager(LoggingConfigurable):
             creds = self.agents.credentials_for(spec, credentials)
         except ValueError as e:
             raise BadRequest(str(e)) from None
-        cls = self.backend_for(spec)
+        cls: type[Sandbox] = RemoteAgent if spec.url else self.backend_for(spec)
         await self._backend_started(cls)
         session = AgentSession(
             user=username, spec=spec, sandbox_factory=lambda: self._sandbox_placeholder(),
@@ -349,7 +347,12 @@ class UserSessionManager(LoggingConfigurable):
             ro_paths=list(spec.ro_paths),
             rw_paths=[str(home)],
         )
-        session._sandbox_factory = lambda: cls.create(session.sandbox_spec, parent=self)
+        if spec.url:
+            token = creds.get("access_token")
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            session._sandbox_factory = lambda: RemoteAgent(session.sandbox_spec, spec.url, headers)
+        else:
+            session._sandbox_factory = lambda: cls.create(session.sandbox_spec, parent=self)
         self._sessions[session.id] = session  # counts against the limit while it starts
         self.log.info("Starting %s for %s in a %s sandbox (session %s)", spec.name, username, cls.kind,
                       session.id)
@@ -387,8 +390,8 @@ class UserSessionManager(LoggingConfigurable):
         shutil.rmtree(Path(self.agent_home_dir) / session_id, ignore_errors=True)
 
     async def _backend_started(self, cls: type[Sandbox]) -> None:
-        if cls.kind not in self._started_backends:
-            self._started_backends.add(cls.kind)
+        if cls not in self._started_backends:
+            self._started_backends.add(cls)
             await cls.on_manager_start(parent=self)
 
     def get_user_session(self, username: str, session_id: str) -> AgentSession:
@@ -485,11 +488,11 @@ class UserSessionManager(LoggingConfigurable):
         for session, result in zip(sessions, results, strict=True):
             if isinstance(result, BaseException):
                 self.log.warning("Could not stop session %s cleanly: %s", session.id, result)
-        for kind in sorted(self._started_backends):
+        for cls in sorted(self._started_backends, key=lambda c: c.kind):
             try:
-                await backend(kind).on_manager_stop(parent=self)
+                await cls.on_manager_stop(parent=self)
             except Exception:
-                self.log.exception("Could not clean up the %s sandbox backend", kind)
+                self.log.exception("Could not clean up the %s sandbox backend", cls.kind)
         self._started_backends.clear()
 
     def _activity(self) -> None:

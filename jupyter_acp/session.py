@@ -210,17 +210,20 @@ class AgentSession:
         self.sandbox = self._sandbox_factory()
         await self.sandbox.start()
         self.client = AcpClient(self, self.sandbox)
-        assert self.sandbox.stdin is not None and self.sandbox.stdout is not None
-        reader, self._filter = filtered_reader(self.sandbox.stdout, limit=STDIO_LINE_LIMIT,
-                                               on_drop=self._on_dropped_line, label=self.id)
-        self.conn = connect_to_agent(self.client, self.sandbox.stdin, reader)
+        if self.sandbox.transport is not None:  # a remote agent over a WebSocket
+            self.conn = connect_to_agent(self.client, self.sandbox.transport)
+        else:
+            assert self.sandbox.stdin is not None and self.sandbox.stdout is not None
+            reader, self._filter = filtered_reader(self.sandbox.stdout, limit=STDIO_LINE_LIMIT,
+                                                   on_drop=self._on_dropped_line, label=self.id)
+            self.conn = connect_to_agent(self.client, self.sandbox.stdin, reader)
         self._watcher = asyncio.create_task(self._watch(self.sandbox), name=f"acp-watch-{self.id}")
         init = await self._bounded(
             self.conn.initialize(
                 protocol_version=PROTOCOL_VERSION,
                 client_capabilities=schema.ClientCapabilities(
                     fs=schema.FileSystemCapabilities(read_text_file=True, write_text_file=True),
-                    terminal=True,
+                    terminal=self.sandbox.provides_terminals,
                 ),
                 client_info=schema.Implementation(**self.options.client_info),
             ),

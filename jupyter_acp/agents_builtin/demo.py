@@ -61,6 +61,7 @@ class DemoAgent:
         self.sessions: dict[str, dict[str, Any]] = {}
         self.cancelled: dict[str, asyncio.Event] = {}
         self.state_dir = Path(os.environ.get("HOME") or ".") / ".jupyter-acp-demo"
+        self.client_has_terminal = False
 
     def on_connect(self, conn: Any) -> None:
         self.conn = conn
@@ -68,6 +69,7 @@ class DemoAgent:
     # -- lifecycle ---------------------------------------------------------------------------
     async def initialize(self, protocol_version: int, client_capabilities=None, client_info=None,
                          **kwargs: Any) -> schema.InitializeResponse:
+        self.client_has_terminal = bool(client_capabilities and client_capabilities.terminal)
         return schema.InitializeResponse(
             protocol_version=acp.PROTOCOL_VERSION,
             agent_capabilities=schema.AgentCapabilities(load_session=True),
@@ -241,6 +243,8 @@ class DemoAgent:
     async def _cmd_shell(self, sid, state, args, cancel):
         if not args:
             return (await self._reply(sid, "Usage: /shell COMMAND LINE")), "end_turn"
+        if not self.client_has_terminal:
+            return (await self._reply(sid, "This client offers no terminal.")), "end_turn"
         term = await self.conn.create_terminal(session_id=sid, command="/bin/sh",
                                                args=["-c", " ".join(args)],
                                                cwd=state["cwd"], output_byte_limit=65536)

@@ -81,6 +81,10 @@ class Sandbox(ABC):
     kind: ClassVar[str] = "abstract"
     #: Whether this backend isolates the agent from the host at all.
     isolated: ClassVar[bool] = True
+    #: Whether agent terminals (ACP ``terminal/*``) can run in it (advertised at initialize).
+    provides_terminals: ClassVar[bool] = True
+    #: A message transport (WebSocket) instead of stdio streams, for remote agents.
+    transport: Any = None
 
     def __init__(self, spec: SandboxSpec) -> None:
         self.spec = spec
