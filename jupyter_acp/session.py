@@ -381,15 +381,24 @@ class AgentSession:
             self.conn.prompt(session_id=self.acp_session_id, prompt=[text_block(text)])
         )
         watcher = self._watcher
+        turn_task = self._turn_task
         response = None
         try:
-            done, _ = await asyncio.wait({self._turn_task} | ({watcher} if watcher else set()),
+            done, _ = await asyncio.wait({turn_task} | ({watcher} if watcher else set()),
                                          return_when=asyncio.FIRST_COMPLETED)
-            if self._turn_task in done:
-                response = self._turn_task.result()
+            if turn_task.cancelled():  # stop() ended the turn
+                self._finish_turn(turn, started, None)
+                raise SessionNotReady("The session was stopped during the turn")
+            if turn_task in done:
+                response = turn_task.result()
         except asyncio.CancelledError:
-            if self.state is SessionState.STOPPED:
-                raise SessionNotReady("The session was stopped during the turn") from None
+            # our caller went away (e.g. a closed HTTP request): end the turn at the agent too,
+            # so the session does not stay busy with nobody listening
+            if self.state is SessionState.BUSY and self.conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.conn.cancel(session_id=self.acp_session_id))
+                self._finish_turn(turn, started, None)
+                self._set_state(SessionState.READY)
             raise
         except RequestError as e:
             self._finish_turn(turn, started, None)
@@ -400,10 +409,10 @@ class AgentSession:
         except ConnectionError:
             response = None
         finally:
-            task, self._turn_task = self._turn_task, None
-            if task is not None and not task.done():  # the agent died first: nobody awaits it now
-                task.cancel()
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._turn_task = None
+            if not turn_task.done():  # the agent died first, or we were cancelled: nobody awaits it
+                turn_task.cancel()
+                turn_task.add_done_callback(lambda t: t.cancelled() or t.exception())
         if response is None:  # the agent died mid-turn
             reason = await self._death_reason()
             self._finish_turn(turn, started, None)

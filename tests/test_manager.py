@@ -370,3 +370,24 @@ def test_limits_from_jupyterhub_env(monkeypatch, acp_managers):
     assert manager.limits_for(demo_agent_spec()).mem_limit == 128 * 1024**2  # the admin's cap wins
 
 
+
+
+async def test_delete_during_a_turn_ends_the_turn(manager):
+    session = await manager.create_user_session("alice", "demo")
+    turn = asyncio.create_task(manager.send_message("alice", session.id, "/sleep 60"))
+    await wait_for(lambda: session._turn_text)
+    await manager.delete_user_session("alice", session.id)
+    with pytest.raises(Exception, match="stopped"):
+        await asyncio.wait_for(turn, 10)
+    assert session.state is SessionState.STOPPED
+
+
+async def test_a_caller_that_goes_away_does_not_leave_the_session_busy(manager):
+    session = await manager.create_user_session("alice", "demo")
+    turn = asyncio.create_task(manager.send_message("alice", session.id, "/sleep 60"))
+    await wait_for(lambda: session._turn_text)
+    turn.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await turn
+    assert session.state is SessionState.READY
+    assert (await manager.send_message("alice", session.id, "next")).stop_reason == "end_turn"
