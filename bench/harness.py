@@ -1,0 +1,117 @@
+"""Shared pieces of the benchmarks: a real Jupyter server with jupyter-acp, users, statistics.
+
+The server runs as a subprocess (as in production), with an identity provider that maps the
+token ``user-N`` to the user ``userN`` so that one benchmark can act as many users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from jupyter_server.auth.identity import IdentityProvider, User
+
+HERE = Path(__file__).resolve().parent
+
+
+class TokenPerUser(IdentityProvider):
+    """``Authorization: token user-N`` → user ``userN`` (benchmarks only)."""
+
+    def get_user(self, handler):  # type: ignore[override]
+        header = handler.request.headers.get("Authorization", "")
+        token = header[len("token "):] if header.startswith("token ") else handler.get_argument("token", "")
+        if token.startswith("user-"):
+            name = "user" + token[len("user-"):]
+            return User(username=name, name=name)
+        return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def jupyter_server(sandbox: str = "local", extra: list[str] | None = None) -> Iterator[dict]:
+    """Start ``jupyter server`` with the extension; yields {url, ws, root, pid}."""
+    tmp = Path(tempfile.mkdtemp(prefix="acp-bench-"))
+    root = tmp / "root"
+    root.mkdir()
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTER_DATA_DIR": str(tmp / "data")}
+    cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+           f"--ServerApp.root_dir={root}", "--ServerApp.jpserver_extensions={'jupyter_acp': True}",
+           "--ServerApp.identity_provider_class=harness.TokenPerUser",
+           f"--UserSessionManager.sandbox={sandbox}", "--UserSessionManager.max_sessions_per_user=50",
+           f"--UsageLedger.db_url=sqlite:///{tmp / 'usage.sqlite'}", "--ServerApp.log_level=WARN",
+           *(extra or [])]
+    log = open(tmp / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 60
+    while True:
+        try:
+            req = urllib.request.Request(url + "api/acp/agents", headers={"Authorization": "token user-0"})
+            urllib.request.urlopen(req, timeout=2).read()
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                log.close()
+                raise RuntimeError(
+                    f"the server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}"
+                ) from None
+            time.sleep(0.1)
+    try:
+        yield {"url": url, "ws": f"ws://127.0.0.1:{port}/", "root": root, "pid": proc.pid, "tmp": tmp}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def rest(server: dict, method: str, path: str, user: int = 0, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(server["url"] + "api/acp/" + path, data=data, method=method,
+                                 headers={"Authorization": f"token user-{user}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else {}
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
