@@ -58,7 +58,7 @@ bench: venv system-deps docker
 
 run: venv
 	@echo "Starting JupyterLab with jupyter-acp (open the URL below; the demo agent needs no setup)"
-	$(BIN)/jupyter lab --ServerApp.jpserver_extensions="{'jupyter_acp': True}" $(JUPYTER_ARGS)
+	$(BIN)/jupyter lab $$( [ "$$(id -u)" = 0 ] && echo --allow-root ) $(JUPYTER_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DOCKER_ENV) .pytest_cache .ruff_cache

@@ -398,7 +398,7 @@ class UserSessionManager(LoggingConfigurable):
         """The session ``session_id`` of ``username``; another user's is "not found"."""
         session = self._sessions.get(session_id) if isinstance(session_id, str) else None
         if session is None or session.user != username:
-            raise SessionNotFound(f"No session {session_id!r}")
+            raise SessionNotFound(str(session_id))
         return session
 
     def get_user_sessions(self, username: str) -> list[AgentSession]:

@@ -149,6 +149,11 @@ class AgentSession:
         self._lock = asyncio.Lock()
 
     # -- events --------------------------------------------------------------------------------
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the latest event (0 before the first)."""
+        return self._seq
+
     def subscribe(self, callback: Subscriber, *, replay: bool = True) -> Callable[[], None]:
         """Receive every event from now on (and the history first when ``replay``)."""
         if replay:

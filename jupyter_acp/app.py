@@ -1,0 +1,182 @@
+"""The jupyter-server extension: wires ``UserSessionManager`` into a running Jupyter server.
+
+A JupyterHub admin installs the package with pip; the server enables the extension through
+``jupyter-config/server-config/jupyter_acp.json`` (installed as shared data) and every option is
+a traitlets option (``c.AcpExtension.*`` here, and the classes listed in ``classes``:
+``c.UserSessionManager.*``, ``c.AgentConfigManager.*``, ``c.UsageLedger.*``, ``c.DockerSandbox.*``,
+``c.BubblewrapSandbox.*``), all shown by ``jupyter server --help-all``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import os
+from pathlib import Path
+from typing import Any
+
+from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider
+from jupyter_server.extension.application import ExtensionApp
+from jupyter_server.utils import url_path_join
+from traitlets import Enum, Integer, List, Type, Unicode, default
+
+from . import __version__
+from .agents import AgentConfigManager
+from .handlers import handlers
+from .manager import UserSessionManager
+from .sandbox.bubblewrap import BubblewrapSandbox
+from .usage import UsageLedger
+
+EVENTS_DIR = Path(__file__).parent / "events"
+#: The audit event schemas (``jupyter_acp/events/*.yaml``), by the manager's event name.
+EVENT_SCHEMAS = {
+    "started": "https://events.jupyter.org/jupyter_acp/session/v1",
+    "stopped": "https://events.jupyter.org/jupyter_acp/session/v1",
+    "permission": "https://events.jupyter.org/jupyter_acp/permission/v1",
+}
+
+
+def _sandbox_classes() -> list[type]:
+    classes: list[type] = [BubblewrapSandbox]
+    with contextlib.suppress(ImportError):  # the docker SDK is an optional extra
+        from .sandbox.docker import DockerSandbox
+
+        classes.insert(0, DockerSandbox)
+    return classes
+
+
+class AcpExtension(ExtensionApp):
+    """Agent Client Protocol agents for Jupyter users: REST + WebSocket API under ``api/acp/``."""
+
+    name = "jupyter_acp"
+    app_name = "jupyter-acp"
+    description = __doc__
+    version = __version__
+    load_other_extensions = True
+    classes = [UserSessionManager, AgentConfigManager, UsageLedger, *_sandbox_classes()]
+
+    admin_users = List(
+        Unicode(),
+        help="""Usernames that may read every user's token usage (``GET /api/acp/usage?all=1``
+        or ``?user=NAME``). Under JupyterHub, hub admins (the user model's ``admin`` flag) are
+        admins too. Empty (the default): only hub admins.""",
+    ).tag(config=True)
+
+    max_message_bytes = Integer(
+        1024 * 1024,
+        help="""Largest prompt a user may send, in bytes of UTF-8 (REST body or WebSocket
+        frame). A larger one is refused with 413. 0 means no limit beyond the server's
+        ``max_body_size``.""",
+    ).tag(config=True)
+
+    max_request_bytes = Integer(
+        4 * 1024 * 1024,
+        help="""Largest JSON body of any ``api/acp`` request, in bytes; larger is refused with
+        413 before it is parsed. 0 means no limit beyond the server's ``max_body_size``.""",
+    ).tag(config=True)
+
+    identity = Enum(
+        ["auto", "user", "owner"],
+        "auto",
+        help="""Whose sessions a request sees. ``user``: the Jupyter identity's username (an
+        identity provider that names real users: JupyterHub's, or a custom one). ``owner``: every
+        authenticated request acts for the server's single owner (``owner_name``) — right for a
+        personal server with a shared token, whose default identity provider invents a new
+        anonymous name for each token request (a kernel calling the API would never see its own
+        sessions). ``auto``: ``owner`` with Jupyter's own token/password identity providers,
+        ``user`` with any other.""",
+    ).tag(config=True)
+
+    owner_name = Unicode(
+        help="""The user name of the server's owner when ``identity`` resolves to ``owner``
+        (usage records and workspaces are kept under it). Default: ``$JUPYTERHUB_USER``, else the
+        operating-system user running the server.""",
+    ).tag(config=True)
+
+    @default("owner_name")
+    def _default_owner_name(self) -> str:
+        return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+
+    session_manager_class = Type(
+        UserSessionManager,
+        klass=UserSessionManager,
+        help="The UserSessionManager (sub)class that owns the agent sessions.",
+    ).tag(config=True)
+
+    def initialize_settings(self) -> None:
+        manager = self.session_manager_class(parent=self, log=self.log)
+        if "root_dir" not in self.config.get("UserSessionManager", {}):
+            manager.root_dir = self.serverapp.root_dir  # workspaces default to what Jupyter serves
+        manager.on_activity = self._activity
+        manager.on_audit = self._audit
+        self.manager = manager
+        self._tasks: set[asyncio.Future[Any]] = set()
+        event_logger = getattr(self.serverapp, "event_logger", None)
+        if event_logger is not None:
+            for schema in sorted(EVENTS_DIR.glob("*.yaml")):
+                event_logger.register_event_schema(schema)
+        self.settings.update(
+            acp_manager=manager,
+            acp_extension=self,
+            acp_admin_users=set(self.admin_users),
+            acp_owner=self._owner(),
+            acp_max_message_bytes=self.max_message_bytes,
+            acp_max_request_bytes=self.max_request_bytes,
+        )
+        self.log.info("jupyter-acp %s: agents %s; sandboxes %s", __version__,
+                      ", ".join(s.name for s, ok, _ in manager.agents.list_agents() if ok) or "none",
+                      ", ".join(b["kind"] for b in manager.backends() if b["available"]) or "none")
+
+    def _owner(self) -> str | None:
+        """The single user every request acts for, or None to use each request's identity."""
+        mode = self.identity
+        if mode == "auto":
+            provider = type(getattr(self.serverapp, "identity_provider", None))
+            mode = "owner" if provider in (IdentityProvider, PasswordIdentityProvider) else "user"
+        return self.owner_name if mode == "owner" else None
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend((url_path_join("api/acp", path), cls) for path, cls in handlers())
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        """Called once the server's event loop runs: start idle culling there."""
+        self.manager.start_monitor()
+
+    def spawn(self, coro: Any) -> asyncio.Future[Any]:
+        """Run a task the server owns (a WebSocket-started turn): kept alive, errors logged."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.log.debug("An API task ended with %r", t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    def _activity(self) -> None:
+        from jupyter_server._tz import utcnow
+
+        now = utcnow()
+        self.settings["acp_last_activity"] = now
+        self.settings.setdefault("last_activity_times", {})["acp"] = now
+
+    def _audit(self, name: str, data: dict[str, Any]) -> None:
+        schema_id = EVENT_SCHEMAS.get(name)
+        event_logger = getattr(self.serverapp, "event_logger", None)
+        if schema_id is None or event_logger is None:
+            return
+        payload = {k: str(v) for k, v in data.items() if v is not None}
+        if name != "permission":
+            payload["action"] = name
+        event_logger.emit(schema_id=schema_id, data=payload)
+
+    async def stop_extension(self) -> None:
+        """Stop every agent session and sandbox (the server is stopping): nothing is left."""
+        self.log.info("jupyter-acp: stopping %d agent sessions", len(self.manager.all_sessions()))
+        await self.manager.shutdown()
+        for task in list(self._tasks):
+            task.cancel()
+        self.manager.ledger.close()

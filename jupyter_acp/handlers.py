@@ -1,0 +1,464 @@
+"""REST and WebSocket handlers of ``{base_url}api/acp/`` (the contract: docs/api.md, openapi.yaml).
+
+Every handler works for the Jupyter identity of the request (``current_user.username``) and only
+sees that user's sessions: another user's session id answers 404 exactly like an unknown one, so
+ids leak nothing. ``AcpError``s become JSON errors with their status and a message written for
+the user; anything else is a logged 500 without details.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from jupyter_server.auth.decorator import authorized, ws_authenticated
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from jupyter_server.utils import ensure_async
+from tornado import web, websocket
+
+from .errors import AcpError, BadRequest, SessionBusy, SessionNotFound
+from .manager import UserSessionManager
+from .session import AgentSession
+from .usage import utc_day
+
+AUTH_RESOURCE = "acp"
+SESSION_ID = r"(?P<session_id>[^/]+)"
+
+#: Event names on the wire (docs/api.md) for the session's internal event types.
+WIRE_TYPES = {
+    "session_update": "session/update",
+    "user_message": "chat:message",
+    "permission_request": "permission:request",
+    "permission_resolved": "permission:resolved",
+    "turn_end": "chat:response",
+    "cancel_requested": "cancel",
+}
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def public_event(event: dict[str, Any]) -> dict[str, Any]:
+    """A session event as the API shows it (same dict, wire type name)."""
+    return {**event, "type": WIRE_TYPES.get(event["type"], event["type"])}
+
+
+def acp_errors(method: F) -> F:
+    """Turn ``AcpError`` into an HTTP error with the same status and message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: AcpHandler, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except AcpError as e:
+            raise web.HTTPError(e.status, e.message.replace("%", "%%"), reason=None) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class AcpMixin(ExtensionHandlerMixin):
+    """What REST and WebSocket handlers share: the manager, the user, session lookup."""
+
+    auth_resource = AUTH_RESOURCE
+    settings: dict[str, Any]
+    current_user: Any
+
+    @property
+    def manager(self) -> UserSessionManager:
+        return self.settings["acp_manager"]
+
+    @property
+    def username(self) -> str:
+        """Who the request acts for: the server's owner, or the Jupyter identity (see
+        ``AcpExtension.identity``)."""
+        return self.settings.get("acp_owner") or self.current_user.username
+
+    def user_session(self, session_id: str) -> AgentSession:
+        return self.manager.get_user_session(self.username, session_id)
+
+    def session_model(self, session: AgentSession) -> dict[str, Any]:
+        model = session.stats()
+        root = os.path.realpath(self.manager.workspace_root(session.user))
+        rel = os.path.relpath(os.path.realpath(session.sandbox_spec.workspace), root)
+        model["cwd"] = "" if rel == "." else rel
+        return model
+
+
+class AcpHandler(AcpMixin, APIHandler):
+    """Base of the REST handlers: JSON in, JSON out, size-capped bodies."""
+
+    def json_body(self, required: bool = True) -> dict[str, Any]:
+        cap = self.settings.get("acp_max_request_bytes") or 0
+        body = self.request.body or b""
+        if cap and len(body) > cap:
+            raise web.HTTPError(413, f"The request body is larger than {cap} bytes")
+        if not body.strip():
+            if required:
+                raise web.HTTPError(400, "A JSON object is required in the request body")
+            return {}
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise web.HTTPError(400, "The request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, "The request body must be a JSON object")
+        return data
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(data, default=str))
+
+
+def _field(data: dict[str, Any], key: str, kind: type | tuple[type, ...], *, required: bool = False,
+           what: str = "") -> Any:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise BadRequest(f"The field {key!r} is required{what}")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+        names = names.replace("str", "a string").replace("bool", "a boolean").replace("dict", "an object")
+        names = names.replace("list", "a list")
+        raise BadRequest(f"The field {key!r} must be {names}")
+    return value
+
+
+def check_message(settings: dict[str, Any], message: Any) -> str:
+    """A prompt: a non-empty string within ``max_message_bytes``."""
+    if not isinstance(message, str):
+        raise BadRequest("The field 'message' is required and must be a string")
+    if not message.strip():
+        raise BadRequest("The message is empty")
+    cap = settings.get("acp_max_message_bytes") or 0
+    if cap and len(message.encode("utf-8", "surrogatepass")) > cap:
+        raise AcpError(f"The message is larger than {cap} bytes", status=413)
+    return message
+
+
+# -- REST -----------------------------------------------------------------------------------------
+class AgentsHandler(AcpHandler):
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def get(self) -> None:
+        agents = self.manager.agents
+        default = None
+        with contextlib.suppress(AcpError):
+            default = agents.get_available(None).name
+        out = []
+        for spec, ok, why in agents.list_agents():
+            if ok and not spec.url:
+                try:
+                    self.manager.backend_for(spec)
+                except AcpError as e:
+                    ok, why = False, e.message
+            out.append({"name": spec.name, "display_name": spec.display_name,
+                        "description": spec.description, "demo": spec.demo,
+                        "capabilities": list(spec.capabilities), "available": ok,
+                        "reason": "" if ok else why, "default": spec.name == default,
+                        "source": spec.source})
+        self.write_json({"agents": out, "default": default, "backends": self.manager.backends()})
+
+
+class SessionsHandler(AcpHandler):
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def get(self) -> None:
+        sessions = self.manager.get_user_sessions(self.username)
+        self.write_json({"sessions": [self.session_model(s) for s in sessions]})
+
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def post(self) -> None:
+        data = self.json_body(required=False)
+        unknown = set(data) - {"agent", "cwd", "credentials", "new", "capabilities"}
+        if unknown:
+            raise BadRequest(f"Unknown fields: {', '.join(sorted(unknown))}")
+        credentials = _field(data, "credentials", dict)
+        if credentials and not all(isinstance(k, str) and isinstance(v, str) for k, v in credentials.items()):
+            raise BadRequest("credentials must map names to string values")
+        capabilities = _field(data, "capabilities", list)
+        if capabilities and not all(isinstance(c, str) for c in capabilities):
+            raise BadRequest("capabilities must be a list of strings")
+        session = await self.manager.create_user_session(
+            self.username, _field(data, "agent", str), cwd=_field(data, "cwd", str),
+            credentials=credentials, new=bool(_field(data, "new", bool)), capabilities=capabilities)
+        self.write_json(self.session_model(session), status=201)
+
+
+class SessionHandler(AcpHandler):
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def get(self, session_id: str) -> None:
+        self.write_json(self.session_model(self.user_session(session_id)))
+
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def delete(self, session_id: str) -> None:
+        await self.manager.delete_user_session(self.username, session_id)
+        self.set_status(204)
+        self.finish()
+
+
+class RestartHandler(AcpHandler):
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def post(self, session_id: str) -> None:
+        session = await self.manager.restart_user_session(self.username, session_id)
+        self.write_json(self.session_model(session))
+
+
+class MessagesHandler(AcpHandler):
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def post(self, session_id: str) -> None:
+        session = self.user_session(session_id)
+        message = check_message(self.settings, self.json_body().get("message"))
+        result = await session.prompt(message)
+        self.write_json(result.to_dict())
+
+
+class CancelHandler(AcpHandler):
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def post(self, session_id: str) -> None:
+        cancelled = await self.user_session(session_id).cancel()
+        self.write_json({"cancelled": cancelled})
+
+
+class HistoryHandler(AcpHandler):
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def get(self, session_id: str) -> None:
+        session = self.user_session(session_id)
+        since = _since(self.get_argument("since", None))
+        events = [public_event(e) for e in session.history if e["seq"] > since]
+        self.write_json({"events": events, "last_seq": session.last_seq})
+
+
+def _since(value: str | None) -> int:
+    if value is None or value == "":
+        return 0
+    try:
+        since = int(value)
+    except ValueError:
+        raise BadRequest("'since' must be an event sequence number (an integer)") from None
+    if since < 0:
+        raise BadRequest("'since' must not be negative")
+    return since
+
+
+class PermissionHandler(AcpHandler):
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def post(self, session_id: str, request_id: str) -> None:
+        session = self.user_session(session_id)
+        data = self.json_body(required=False)
+        session.answer_permission(request_id, _field(data, "option_id", str))
+        self.set_status(204)
+        self.finish()
+
+
+class ModeHandler(AcpHandler):
+    def mode_model(self, session: AgentSession) -> dict[str, Any]:
+        modes = session.modes or {}
+        return {"current": modes.get("currentModeId"), "available": modes.get("availableModes", [])}
+
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def get(self, session_id: str) -> None:
+        self.write_json(self.mode_model(self.user_session(session_id)))
+
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def post(self, session_id: str) -> None:
+        session = self.user_session(session_id)
+        await session.set_mode(_field(self.json_body(), "mode_id", str, required=True))
+        self.write_json(self.mode_model(session))
+
+
+class ConfigHandler(AcpHandler):
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def post(self, session_id: str) -> None:
+        session = self.user_session(session_id)
+        data = self.json_body()
+        config_id = _field(data, "config_id", str, required=True)
+        value = _field(data, "value", (str, bool), required=True)
+        await session.set_config_option(config_id, value)
+        self.write_json({"config_options": session.config_options})
+
+
+class UsageHandler(AcpHandler):
+    def is_admin(self) -> bool:
+        if self.username in self.settings.get("acp_admin_users", set()):
+            return True
+        hub_user = getattr(self.current_user, "hub_user", None)
+        return isinstance(hub_user, dict) and bool(hub_user.get("admin"))
+
+    @web.authenticated
+    @authorized
+    @acp_errors
+    async def get(self) -> None:
+        ledger = self.manager.ledger
+        everyone = self.get_argument("all", "") not in ("", "0", "false")
+        user = self.get_argument("user", None) or self.username
+        if (everyone or user != self.username) and not self.is_admin():
+            raise web.HTTPError(403, "Only an admin may read other users' usage")
+        who = None if everyone else user
+        today = utc_day()
+        per_day = ledger.per_day(who)
+        cap = ledger.max_tokens_per_user_per_day
+        used = ledger.tokens_today(user) if who is not None else 0
+        self.write_json({
+            "user": who,
+            "today": {"day": today, "total_tokens": 0, **_sum([d for d in per_day if d["day"] == today])},
+            "quota": {"max_tokens_per_day": cap, "used_today": used,
+                      "remaining": max(cap - used, 0) if cap and who is not None else None},
+            "total": ledger.user_totals(who) if who is not None else _sum(per_day),
+            "per_session": ledger.per_session(who),
+            "per_day": per_day,
+        })
+
+
+def _sum(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for row in rows:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+# -- WebSocket ------------------------------------------------------------------------------------
+class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
+    """``sessions/{id}/ws``: a session's events live (history first), and chat/cancel/answers in."""
+
+    session: AgentSession | None = None
+    _unsubscribe: Callable[[], None] | None = None
+
+    @ws_authenticated
+    async def get(self, session_id: str) -> None:
+        allowed = await ensure_async(
+            self.authorizer.is_authorized(self, self.current_user, "execute", AUTH_RESOURCE))
+        if not allowed:
+            raise web.HTTPError(403)
+        try:
+            self.session = self.user_session(session_id)
+        except SessionNotFound as e:
+            raise web.HTTPError(404, e.message) from None
+        res = super().get(session_id)
+        if res is not None:
+            await res
+
+    def open(self, session_id: str) -> None:  # type: ignore[override]
+        session = self.session
+        assert session is not None
+        try:
+            since = _since(self.get_argument("since", None))
+        except BadRequest:
+            since = 0
+        # one synchronous block: no event can slip between the replay and the subscription
+        self.send({"type": "hello", "data": self.session_model(session)})
+        for event in list(session.history):
+            if event["seq"] > since:
+                self.send(public_event(event))
+        self.send({"type": "history:end", "data": {"last_seq": session.last_seq}})
+        self._unsubscribe = session.subscribe(lambda e: self.send(public_event(e)), replay=False)
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            self.close_subscription()
+            return
+        try:
+            self.write_message(json.dumps(message, default=str))
+        except websocket.WebSocketClosedError:
+            self.close_subscription()
+
+    def reply_error(self, message: str, status: int = 400) -> None:
+        self.send({"type": "error", "data": {"message": message, "status": status}})
+
+    async def on_message(self, raw: str | bytes) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return self.reply_error("The frame is not valid JSON")
+        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+            return self.reply_error("A frame must be a JSON object with a string 'type'")
+        kind = data["type"]
+        try:
+            if session.id not in {s.id for s in self.manager.get_user_sessions(self.username)}:
+                raise SessionNotFound(session.id)
+            if kind == "ping":
+                self.send({"type": "pong"})
+            elif kind == "chat:message":
+                message = check_message(self.settings, data.get("message"))
+                if session.state.value == "busy":
+                    raise SessionBusy("The agent is still answering the previous message; cancel it or wait")
+                ext = self.settings["acp_extension"]
+                task = ext.spawn(session.prompt(message))
+                task.add_done_callback(self._turn_done)
+            elif kind == "cancel":
+                await session.cancel()
+            elif kind == "permission:answer":
+                request_id = _field(data, "request_id", str, required=True)
+                session.answer_permission(request_id, _field(data, "option_id", str))
+            elif kind == "mode":
+                await session.set_mode(_field(data, "mode_id", str, required=True))
+            else:
+                self.reply_error(f"Unknown frame type {kind!r}")
+        except AcpError as e:
+            self.reply_error(e.message, e.status)
+
+    def _turn_done(self, task: Any) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        # errors of the turn itself are session events already; refusals reach this socket only
+        if isinstance(error, AcpError) and error.status in (400, 409, 413, 429):
+            self.reply_error(error.message, error.status)
+
+    def close_subscription(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def on_close(self) -> None:
+        self.close_subscription()
+
+
+def handlers() -> list[tuple[str, type]]:
+    """The routes, relative to ``{base_url}api/acp``."""
+    return [
+        ("agents", AgentsHandler),
+        ("sessions", SessionsHandler),
+        (f"sessions/{SESSION_ID}", SessionHandler),
+        (f"sessions/{SESSION_ID}/restart", RestartHandler),
+        (f"sessions/{SESSION_ID}/messages", MessagesHandler),
+        (f"sessions/{SESSION_ID}/cancel", CancelHandler),
+        (f"sessions/{SESSION_ID}/history", HistoryHandler),
+        (f"sessions/{SESSION_ID}/permissions/(?P<request_id>[^/]+)", PermissionHandler),
+        (f"sessions/{SESSION_ID}/mode", ModeHandler),
+        (f"sessions/{SESSION_ID}/config", ConfigHandler),
+        (f"sessions/{SESSION_ID}/ws", SessionSocket),
+        ("usage", UsageHandler),
+    ]
