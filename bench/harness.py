@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks: a real Jupyter server with jupyter-acp, users, statistics.
 
 The server runs as a subprocess (as in production), with an identity provider that maps the
-token ``user-N`` to the user ``userN`` so that one benchmark can act as many users.
+token ``user:NAME`` to the user ``NAME`` (``jupyter_acp.testing``), so that one benchmark can act
+as many users.
 """
 
 from __future__ import annotations
@@ -19,21 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from jupyter_server.auth.identity import IdentityProvider, User
-
 HERE = Path(__file__).resolve().parent
-
-
-class TokenPerUser(IdentityProvider):
-    """``Authorization: token user-N`` → user ``userN`` (benchmarks only)."""
-
-    def get_user(self, handler):  # type: ignore[override]
-        header = handler.request.headers.get("Authorization", "")
-        token = header[len("token "):] if header.startswith("token ") else handler.get_argument("token", "")
-        if token.startswith("user-"):
-            name = "user" + token[len("user-"):]
-            return User(username=name, name=name)
-        return None
 
 
 def free_port() -> int:
@@ -53,7 +40,7 @@ def jupyter_server(sandbox: str = "local", extra: list[str] | None = None) -> It
            "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTER_DATA_DIR": str(tmp / "data")}
     cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
            f"--ServerApp.root_dir={root}", "--ServerApp.jpserver_extensions={'jupyter_acp': True}",
-           "--ServerApp.identity_provider_class=harness.TokenPerUser",
+           "--ServerApp.identity_provider_class=jupyter_acp.testing.TokenPerUser",
            f"--UserSessionManager.sandbox={sandbox}", "--UserSessionManager.max_sessions_per_user=50",
            f"--UsageLedger.db_url=sqlite:///{tmp / 'usage.sqlite'}", "--ServerApp.log_level=WARN",
            *(extra or [])]
@@ -63,7 +50,7 @@ def jupyter_server(sandbox: str = "local", extra: list[str] | None = None) -> It
     deadline = time.time() + 60
     while True:
         try:
-            req = urllib.request.Request(url + "api/acp/agents", headers={"Authorization": "token user-0"})
+            req = urllib.request.Request(url + "api/acp/agents", headers={"Authorization": "token user:u0"})
             urllib.request.urlopen(req, timeout=2).read()
             break
         except Exception:
@@ -87,7 +74,7 @@ def jupyter_server(sandbox: str = "local", extra: list[str] | None = None) -> It
 def rest(server: dict, method: str, path: str, user: int = 0, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(server["url"] + "api/acp/" + path, data=data, method=method,
-                                 headers={"Authorization": f"token user-{user}",
+                                 headers={"Authorization": f"token user:u{user}",
                                           "Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         raw = resp.read()

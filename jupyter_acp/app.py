@@ -160,8 +160,9 @@ class AcpExtension(ExtensionApp):
         from jupyter_server._tz import utcnow
 
         now = utcnow()
-        self.settings["acp_last_activity"] = now
-        self.settings.setdefault("last_activity_times", {})["acp"] = now
+        settings = self.serverapp.web_app.settings  # (self.settings was merged into it at start)
+        settings["acp_last_activity"] = now
+        settings.setdefault("last_activity_times", {})["acp"] = now  # ServerApp.last_activity()
 
     def _audit(self, name: str, data: dict[str, Any]) -> None:
         schema_id = EVENT_SCHEMAS.get(name)

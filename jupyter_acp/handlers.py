@@ -354,6 +354,10 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
     session: AgentSession | None = None
     _unsubscribe: Callable[[], None] | None = None
 
+    def get_login_url(self) -> str:
+        """A socket cannot follow a login redirect: refuse it like the REST API does (403)."""
+        raise web.HTTPError(403)
+
     @ws_authenticated
     async def get(self, session_id: str) -> None:
         allowed = await ensure_async(

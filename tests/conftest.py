@@ -14,6 +14,8 @@ from jupyter_acp.manager import UserSessionManager
 from jupyter_acp.session import AgentSession
 from jupyter_acp.usage import UsageLedger
 
+pytest_plugins = ("pytest_jupyter.jupyter_server",)
+
 
 def acp_require(switch: str, ok: bool, reason: str) -> None:
     """Skip when a part is missing, or fail when the CI switch ``switch`` (=1) says it must be there.
@@ -26,6 +28,15 @@ def acp_require(switch: str, ok: bool, reason: str) -> None:
     if os.environ.get(switch) == "1":
         pytest.fail(f"{reason} (required because {switch}=1)", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture
+def jp_asyncio_loop(_function_scoped_runner: Any) -> asyncio.AbstractEventLoop:
+    """pytest-jupyter's server runs on pytest-asyncio's loop, the one async tests run on.
+
+    (pytest-jupyter's own fixture makes a second loop that nothing runs while a test awaits.)
+    """
+    return _function_scoped_runner.get_loop()
 
 
 @pytest.fixture

@@ -378,7 +378,8 @@ except OSError as e:
         server.close()
         await server.wait_closed()
     assert status == 0, out
-    lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    lines = dict(line.split(": ", 1) for line in out.strip().splitlines() if ": " in line)
+    assert {"net", "connect", "id", "shadow"} <= set(lines), out
     assert lines["net"].split() == ["lo"]
     assert lines["connect"].startswith("failed"), out
     assert lines["write /"] == lines["write /usr"] == lines["write /etc"] == lines["write /opt"] == "denied"

@@ -1,0 +1,33 @@
+"""Test and benchmark helpers that must be importable by a server subprocess.
+
+``TokenPerUser`` lets one Jupyter server act for many users, the way a JupyterHub deployment
+does, without a hub: the token ``user:NAME`` authenticates as the user ``NAME``. It is for tests
+and benchmarks only (anyone can claim any name); a real deployment uses JupyterHub's identity
+provider or its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jupyter_server.auth.identity import IdentityProvider, User
+
+PREFIX = "user:"
+
+
+class TokenPerUser(IdentityProvider):
+    """``Authorization: token user:NAME`` (or ``?token=user:NAME``) → the user ``NAME``."""
+
+    def get_user(self, handler: Any) -> User | None:  # type: ignore[override]
+        header = handler.request.headers.get("Authorization", "")
+        token = header[len("token "):] if header.startswith("token ") else handler.get_argument("token", "")
+        name = token[len(PREFIX):] if token.startswith(PREFIX) else ""
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            return None
+        handler._token_authenticated = True  # a token, not a cookie: no XSRF check (like Jupyter's own)
+        return User(username=name, name=name)
+
+
+def auth(user: str) -> dict[str, str]:
+    """The request header that authenticates as ``user`` with ``TokenPerUser``."""
+    return {"Authorization": f"token {PREFIX}{user}"}
