@@ -63,6 +63,13 @@ class AcpExtension(ExtensionApp):
         admins too. Empty (the default): only hub admins.""",
     ).tag(config=True)
 
+    admin_scopes = List(
+        Unicode(),
+        ["admin:users"],
+        help="""JupyterHub scopes that make a user an admin of jupyter-acp (reading everyone's
+        usage), checked against the ``scopes`` of the hub user model of the request.""",
+    ).tag(config=True)
+
     max_message_bytes = Integer(
         1024 * 1024,
         help="""Largest prompt a user may send, in bytes of UTF-8 (REST body or WebSocket
@@ -120,6 +127,7 @@ class AcpExtension(ExtensionApp):
             acp_manager=manager,
             acp_extension=self,
             acp_admin_users=set(self.admin_users),
+            acp_admin_scopes=set(self.admin_scopes),
             acp_owner=self._owner(),
             acp_max_message_bytes=self.max_message_bytes,
             acp_max_request_bytes=self.max_request_bytes,
@@ -140,7 +148,11 @@ class AcpExtension(ExtensionApp):
         self.handlers.extend((url_path_join("api/acp", path), cls) for path, cls in handlers())
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        """Called once the server's event loop runs: start idle culling there."""
+        """Called once the server's event loop runs: orphan cleanup, then idle culling."""
+        try:
+            await self.manager.start_backends()
+        except Exception:
+            self.log.exception("jupyter-acp: could not prepare the sandbox backends")
         self.manager.start_monitor()
 
     def spawn(self, coro: Any) -> asyncio.Future[Any]:
@@ -181,3 +193,11 @@ class AcpExtension(ExtensionApp):
         for task in list(self._tasks):
             task.cancel()
         self.manager.ledger.close()
+
+
+main = launch_new_instance = AcpExtension.launch_instance
+"""``jupyter acp``: a Jupyter server with the extension; ``jupyter acp --help-all`` lists every option."""
+
+
+if __name__ == "__main__":
+    main()

@@ -310,8 +310,11 @@ class UsageHandler(AcpHandler):
     def is_admin(self) -> bool:
         if self.username in self.settings.get("acp_admin_users", set()):
             return True
-        hub_user = getattr(self.current_user, "hub_user", None)
-        return isinstance(hub_user, dict) and bool(hub_user.get("admin"))
+        hub_user = getattr(self.current_user, "hub_user", None)  # JupyterHub's identity provider
+        if not isinstance(hub_user, dict):
+            return False
+        scopes = set(hub_user.get("scopes") or ())
+        return bool(hub_user.get("admin")) or bool(scopes & self.settings.get("acp_admin_scopes", set()))
 
     @web.authenticated
     @authorized
