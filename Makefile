@@ -14,7 +14,7 @@ DOCKER_ENV := .docker-env
 PYTEST_ARGS ?=
 JUPYTER_ARGS ?=
 
-.PHONY: run test bench lint venv system-deps docker clean
+.PHONY: run test bench lint venv system-deps docker agents jstest clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,12 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
 	  else echo "bubblewrap is missing (apt-get install bubblewrap); its tests will be skipped"; fi; \
 	fi
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (for tests/test_browser.py)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing (apt-get install chromium); the browser test will be skipped"; fi; \
+	fi
 
 # A Docker engine and the locally built sandbox image (no registry is ever contacted).
 # scripts/docker-engine prints the DOCKER_HOST to use as its last line.
@@ -45,10 +51,19 @@ docker:
 	  else echo "no Docker engine here; the docker tests will be skipped"; fi; \
 	fi
 
+# Real ACP agents (Qwen Code, Gemini CLI) at pinned npm versions in .cache/agents (idempotent),
+# for tests/test_real_agents.py; without npm those tests are skipped (and fail in CI).
+agents:
+	@scripts/agents >/dev/null || echo "could not install the real agents; their tests will be skipped"
+
+# The JupyterLab extension's unit tests (vitest; node_modules come from `pip install`'s build).
+jstest: venv
+	cd labextension && PATH="$(abspath $(BIN)):$$PATH" jlpm install >/dev/null && PATH="$(abspath $(BIN)):$$PATH" jlpm test
+
 lint: venv
 	$(BIN)/ruff check jupyter_acp tests bench
 
-test: venv system-deps docker lint
+test: venv system-deps docker agents lint jstest
 	@if [ -f $(DOCKER_ENV) ]; then . ./$(DOCKER_ENV); fi; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

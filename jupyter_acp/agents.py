@@ -13,13 +13,15 @@ available agent offering every requested capability.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
-from traitlets import Dict, List, Unicode, default
+from traitlets import Bool, Dict, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from .errors import AgentNotFound, AgentUnavailable
@@ -51,6 +53,14 @@ class AgentSpec:
     """The agent's own memory need in bytes (node agents need ~1 GiB); capped by the admin's limit."""
     ro_paths: list[str] = field(default_factory=list)
     """Host paths the agent must read inside a sandbox (its interpreter, its packages)."""
+    llm_api: str | None = None
+    """The wire format of the agent's LLM endpoint (``openai``, ``gemini``, ``anthropic``): with an
+    ``api_key`` it lets the server's LLM gateway carry, meter and cap its traffic."""
+    default_model: str | None = None
+    """The model used when the credentials name none; ``{model}`` in ``command`` is replaced by it."""
+    settings_files: dict[str, Any] = field(default_factory=dict)
+    """JSON files written into each session's private ``$HOME`` (path relative to it → content),
+    e.g. settings that turn off telemetry, auto-update and hidden LLM calls."""
     source: str = "config"
 
     def __post_init__(self) -> None:
@@ -63,6 +73,8 @@ class AgentSpec:
         unknown = set(self.credential_env) - set(CREDENTIAL_FIELDS)
         if unknown:
             raise ValueError(f"Agent {self.name!r}: unknown credential fields {sorted(unknown)}")
+        if self.llm_api not in (None, "openai", "gemini", "anthropic"):
+            raise ValueError(f"Agent {self.name!r}: llm_api must be openai, gemini or anthropic")
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any], source: str = "config") -> AgentSpec:
@@ -92,6 +104,36 @@ class AgentSpec:
             return False, f"{self.command[0]!r} is not installed (not found on PATH)"
         return True, ""
 
+    def argv(self, model: str | None = None) -> list[str]:
+        """The command with ``{model}`` replaced (the credentials' model, else ``default_model``)."""
+        chosen = model or self.default_model or ""
+        return [arg.replace("{model}", chosen) for arg in self.command]
+
+    def write_home(self, home: Path) -> None:
+        """Write ``settings_files`` into a session's fresh home directory."""
+        for rel, content in self.settings_files.items():
+            target = (home / rel).resolve()
+            if home.resolve() not in target.parents:
+                raise ValueError(f"Agent {self.name!r}: settings file {rel!r} lies outside $HOME")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(content, indent=2) + "\n")
+
+    def runtime_ro_paths(self) -> list[str]:
+        """``ro_paths`` plus what a node agent's executable needs inside a sandbox: its directory
+        and the ``node_modules`` tree its script lives in (e.g. a cache outside ``/usr``)."""
+        paths = list(self.ro_paths)
+        exe = self.executable()
+        if exe and self.llm_api:
+            paths.append(os.path.dirname(exe))
+            real = Path(os.path.realpath(exe))
+            for parent in real.parents:
+                if parent.name == "node_modules":
+                    paths.append(str(parent))
+                    break
+            else:
+                paths.append(str(real.parent))
+        return list(dict.fromkeys(paths))
+
     def credentials_env(self, credentials: dict[str, str] | None) -> dict[str, str]:
         """The environment variables carrying ``credentials`` for this agent."""
         out: dict[str, str] = {}
@@ -111,6 +153,32 @@ class AgentSpec:
 
 _OPENAI_CREDS = {"api_key": "OPENAI_API_KEY", "base_url": "OPENAI_BASE_URL", "model": "OPENAI_MODEL"}
 
+#: Qwen Code 0.24 settings: no telemetry, no auto-update, and none of the background LLM calls
+#: (memory extraction/consolidation, skill review, follow-up suggestions, next-speaker check)
+#: whose tokens it never reports over ACP. ``contextWindowSize`` makes it send ``usage_update``.
+QWEN_SETTINGS = {
+    "general": {"enableAutoUpdate": False, "gitCoAuthor": {"commit": False, "pr": False}},
+    "privacy": {"usageStatisticsEnabled": False},
+    "telemetry": {"enabled": False, "logPrompts": False},
+    "ui": {"enableFollowupSuggestions": False},
+    "memory": {"enableManagedAutoMemory": False, "enableManagedAutoDream": False, "enableAutoSkill": False},
+    "model": {"skipNextSpeakerCheck": True, "generationConfig": {"contextWindowSize": 131072}},
+    "security": {"auth": {"selectedType": "openai"}},
+}
+
+#: Gemini CLI 0.61 settings: API-key auth, no telemetry or usage statistics, no auto-update,
+#: no next-speaker check (a hidden LLM call), no IDE integration or checkpointing.
+GEMINI_SETTINGS = {
+    "general": {"disableAutoUpdate": True, "disableUpdateNag": True, "enableAutoUpdate": False,
+                "enableAutoUpdateNotification": False, "checkpointing": {"enabled": False}},
+    "privacy": {"usageStatisticsEnabled": False},
+    "telemetry": {"enabled": False, "logPrompts": False},
+    # the workspace is the user's own, chosen by the server: no folder-trust prompt to answer
+    "security": {"auth": {"selectedType": "gemini-api-key"}, "folderTrust": {"enabled": False}},
+    "model": {"skipNextSpeakerCheck": True},
+    "ide": {"enabled": False},
+}
+
 
 def builtin_specs() -> list[AgentSpec]:
     """Specs of well-known ACP agents. They are offered only if their executable is found."""
@@ -123,16 +191,23 @@ def builtin_specs() -> list[AgentSpec]:
             credential_env=dict(_OPENAI_CREDS),
             description="Qwen Code (npm @qwen-code/qwen-code) over ACP; OpenAI-compatible endpoints.",
             mem_limit=1024**3,
+            llm_api="openai",
+            settings_files={".qwen/settings.json": QWEN_SETTINGS},
             source="builtin",
         ),
         AgentSpec(
             name="gemini",
             display_name="Gemini CLI",
-            command=["gemini", "--acp", "-m", "gemini-2.5-flash"],
+            # always a concrete model: the "auto" router stalls against OpenAI-compatible fakes
+            command=["gemini", "--acp", "-m", "{model}"],
             capabilities=["fs", "terminal", "permissions", "load_session", "modes", "llm"],
-            credential_env={"api_key": "GEMINI_API_KEY", "base_url": "GOOGLE_GEMINI_BASE_URL"},
+            credential_env={"api_key": "GEMINI_API_KEY", "base_url": "GOOGLE_GEMINI_BASE_URL",
+                            "model": "GEMINI_MODEL"},
             description="Gemini CLI (npm @google/gemini-cli) over ACP.",
             mem_limit=1024**3,
+            llm_api="gemini",
+            default_model="gemini-2.5-flash",
+            settings_files={".gemini/settings.json": GEMINI_SETTINGS},
             source="builtin",
         ),
         AgentSpec(
@@ -140,9 +215,13 @@ def builtin_specs() -> list[AgentSpec]:
             display_name="Claude Code",
             command=["claude-agent-acp"],
             capabilities=["fs", "terminal", "permissions", "load_session", "modes", "llm"],
-            credential_env={"api_key": "ANTHROPIC_API_KEY", "base_url": "ANTHROPIC_BASE_URL"},
+            credential_env={"api_key": "ANTHROPIC_API_KEY", "base_url": "ANTHROPIC_BASE_URL",
+                            "model": "ANTHROPIC_MODEL", "access_token": "CLAUDE_CODE_OAUTH_TOKEN"},
             description="Claude Code through the claude-agent-acp adapter.",
             mem_limit=1024**3,
+            llm_api="anthropic",
+            env={"DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1",
+                 "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"},
             source="builtin",
         ),
         AgentSpec(
@@ -153,6 +232,7 @@ def builtin_specs() -> list[AgentSpec]:
             credential_env=dict(_OPENAI_CREDS),
             description="OpenAI Codex through the codex-acp adapter.",
             mem_limit=1024**3,
+            llm_api="openai",
             source="builtin",
         ),
     ]
@@ -184,6 +264,22 @@ class AgentConfigManager(LoggingConfigurable):
         help="""Admin-supplied default credentials per agent name, e.g.
         ``{"qwen": {"api_key": "...", "base_url": "...", "model": "..."}}``. They reach only
         the agent process environment, never a log or an API response.""",
+    ).tag(config=True)
+
+    user_credential_fields = List(
+        Unicode(),
+        default_value=list(CREDENTIAL_FIELDS),
+        help="""Credential fields a user may supply when starting a session (their values win
+        over the admin's defaults). Leave out e.g. ``base_url`` to pin every user to the admin's
+        endpoint; a field not listed is refused with a clear error.""",
+    ).tag(config=True)
+
+    credentials_from_env = Bool(
+        False,
+        help="""Complete the admin's default credentials of each agent from the server's own
+        environment variables that agent reads (e.g. ``OPENAI_API_KEY`` for Qwen Code,
+        ``GEMINI_API_KEY`` for Gemini CLI). Off by default: the server's environment is not
+        handed to agents unless the admin says so.""",
     ).tag(config=True)
 
     extra_paths = List(
@@ -268,10 +364,22 @@ class AgentConfigManager(LoggingConfigurable):
 
     def credentials_for(self, spec: AgentSpec, user_credentials: dict[str, str] | None) -> dict[str, str]:
         """Admin defaults overlaid with the user's own values (which win where given)."""
-        merged = {k: v for k, v in dict(self.credentials.get(spec.name, {})).items() if v}
+        merged = self.admin_credentials(spec)
         for key, value in (user_credentials or {}).items():
             if key not in CREDENTIAL_FIELDS:
                 raise ValueError(f"Unknown credential field {key!r}; known: {', '.join(CREDENTIAL_FIELDS)}")
+            if value and key not in self.user_credential_fields:
+                raise ValueError(f"Your admin does not let users set the credential {key!r} "
+                                 f"(allowed: {', '.join(self.user_credential_fields) or 'none'})")
             if value:
                 merged[key] = value
+        return merged
+
+    def admin_credentials(self, spec: AgentSpec) -> dict[str, str]:
+        """The admin's defaults for ``spec``: ``credentials[name]``, then the server's env if allowed."""
+        merged = {k: str(v) for k, v in dict(self.credentials.get(spec.name, {})).items() if v}
+        if self.credentials_from_env:
+            for key, var in spec.credential_env.items():
+                if key not in merged and os.environ.get(var):
+                    merged[key] = os.environ[var]
         return merged

@@ -23,6 +23,7 @@ from traitlets import Enum, Integer, List, Type, Unicode, default
 
 from . import __version__
 from .agents import AgentConfigManager
+from .gateway import LlmGateway
 from .handlers import handlers
 from .manager import UserSessionManager
 from .sandbox.bubblewrap import BubblewrapSandbox
@@ -54,7 +55,7 @@ class AcpExtension(ExtensionApp):
     description = __doc__
     version = __version__
     load_other_extensions = True
-    classes = [UserSessionManager, AgentConfigManager, UsageLedger, *_sandbox_classes()]
+    classes = [UserSessionManager, AgentConfigManager, UsageLedger, LlmGateway, *_sandbox_classes()]
 
     admin_users = List(
         Unicode(),

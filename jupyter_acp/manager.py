@@ -34,6 +34,8 @@ from .errors import (
     SessionNotFound,
     TooManySessions,
 )
+from .gateway import LlmGateway
+from .gateway.plan import plan_launch
 from .sandbox import backend
 from .sandbox.base import ResourceLimits, Sandbox, SandboxSpec
 from .sandbox.remote import RemoteAgent
@@ -217,6 +219,11 @@ class UserSessionManager(LoggingConfigurable):
 
     agents = Instance(AgentConfigManager)
     ledger = Instance(UsageLedger)
+    gateway = Instance(LlmGateway)
+
+    @default("gateway")
+    def _default_gateway(self) -> LlmGateway:
+        return LlmGateway(parent=self)
 
     @default("agents")
     def _default_agents(self) -> AgentConfigManager:
@@ -338,14 +345,24 @@ class UserSessionManager(LoggingConfigurable):
             on_activity=self._activity, on_audit=self._audit,
         )
         home = self._make_home(session.id)
+        try:
+            spec.write_home(home)
+            launch = plan_launch(self.gateway, spec, creds, self.agents.admin_credentials(spec),
+                                 session_id=session.id, user=username,
+                                 on_usage=lambda usage: self._gateway_usage(session, usage),
+                                 check_quota=lambda: self.ledger.check_quota(username))
+        except BaseException:
+            self._remove_home(session.id)
+            raise
+        session.metered_by_gateway = launch.route is not None
         session.sandbox_spec = SandboxSpec(
-            argv=list(spec.command),
+            argv=launch.argv,
             workspace=workspace,
-            env=self._agent_env(spec, creds, home),
+            env={**self._agent_env(spec, launch.credentials, home), **launch.env},
             limits=self.limits_for(spec),
             labels={"user": username, "session": session.id, "agent": spec.name},
-            ro_paths=list(spec.ro_paths),
-            rw_paths=[str(home)],
+            ro_paths=launch.ro_paths,
+            rw_paths=[str(home), *launch.rw_paths],
         )
         if spec.url:
             token = creds.get("access_token")
@@ -361,8 +378,17 @@ class UserSessionManager(LoggingConfigurable):
         except BaseException:
             self._sessions.pop(session.id, None)
             self._remove_home(session.id)
+            self.gateway.close_route(session.id)
             raise
         return session
+
+    def _gateway_usage(self, session: AgentSession, usage: TurnUsage) -> None:
+        """One LLM request metered by the gateway: the ledger's record (the source of truth of a
+        gateway session), and the running turn's total."""
+        now = time.time()
+        self.ledger.record(user=session.user, session_id=session.id, agent=session.spec.name,
+                           turn=session.turns, usage=usage, started_at=now, ended_at=now)
+        session.add_gateway_usage(usage)
 
     @staticmethod
     def _sandbox_placeholder() -> Sandbox:
@@ -388,6 +414,15 @@ class UserSessionManager(LoggingConfigurable):
 
     def _remove_home(self, session_id: str) -> None:
         shutil.rmtree(Path(self.agent_home_dir) / session_id, ignore_errors=True)
+
+    async def start_backends(self) -> None:
+        """At server start: each backend that can run here cleans up after an earlier run of
+        this server (orphaned containers) and warms up (Docker's pool), before any session."""
+        for kind in [self.sandbox] if self.sandbox else BACKEND_PREFERENCE:
+            cls = backend(kind)
+            ok, _ = await asyncio.to_thread(cls.available, parent=self)
+            if ok:
+                await self._backend_started(cls)
 
     async def _backend_started(self, cls: type[Sandbox]) -> None:
         if cls not in self._started_backends:
@@ -418,6 +453,7 @@ class UserSessionManager(LoggingConfigurable):
             await session.stop(reason)
         finally:
             self._remove_home(session.id)
+            self.gateway.close_route(session.id)
 
     async def restart_user_session(self, username: str, session_id: str) -> AgentSession:
         session = self.get_user_session(username, session_id)
@@ -494,6 +530,7 @@ class UserSessionManager(LoggingConfigurable):
             except Exception:
                 self.log.exception("Could not clean up the %s sandbox backend", cls.kind)
         self._started_backends.clear()
+        self.gateway.close()
 
     def _activity(self) -> None:
         if self.on_activity is not None:

@@ -137,6 +137,10 @@ class AgentSession:
         self.client: AcpClient | None = None
         self.conn: Any = None
         self.usage = UsageNormalizer()
+        #: True when the LLM gateway meters this session: it records every LLM request in the
+        #: ledger itself, so the agent's own usage reports are shown but never recorded.
+        self.metered_by_gateway = False
+        self._gateway_turn = TurnUsage(source="gateway")
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.options.max_history)
         self.pending: dict[str, PendingPermission] = {}
         self._seq = 0
@@ -277,10 +281,18 @@ class AgentSession:
 
     def _request_error(self, e: RequestError, what: str) -> AgentError:
         if e.code == -32000:
-            needed = ", ".join(sorted(self.spec.credential_env.values())) or "its credentials"
+            env = self.spec.credential_env
+            action = {"session/new": "start a session", "session/load": "resume the session",
+                      "initialize": "start"}.get(what, what)
+            extra = [k for k in ("base_url", "model") if k in env]
+            also = f" (and {', '.join(map(repr, extra))} for another endpoint)" if extra else ""
+            fields = "'api_key'" + also
+            reads = ", ".join(env[k] for k in ("api_key", *extra) if k in env)
             return AuthenticationRequired(
-                f"{self.spec.display_name} needs credentials to {what}: set {needed} "
-                "(ask your admin, or pass credentials when starting the session)"
+                f"{self.spec.display_name} needs an API key to {action}: pass {fields} in the "
+                f"credentials when you start the session, or ask your admin to set "
+                f"c.AgentConfigManager.credentials[{self.spec.name!r}]"
+                + (f" (the agent reads {reads})" if reads else "")
             )
         detail = e.data.get("details") if isinstance(e.data, dict) else None
         return AgentError(f"The agent refused {what}: {e}" + (f" ({detail})" if detail else ""))
@@ -429,10 +441,20 @@ class AgentSession:
         self._set_state(SessionState.READY)
         return result
 
+    def add_gateway_usage(self, usage: TurnUsage) -> None:
+        """Add one gateway-metered LLM request to the running turn's total (already in the ledger)."""
+        acc = self._gateway_turn
+        for key in ("input_tokens", "output_tokens", "thought_tokens", "cached_read_tokens",
+                    "cached_write_tokens", "total_tokens"):
+            setattr(acc, key, getattr(acc, key) + getattr(usage, key))
+        acc.model = usage.model or acc.model
+
     def _finish_turn(self, turn: int, started: float, response: Any) -> TurnResult:
         usage = self.usage.end_turn(response)
         ended = time.time()
-        if usage.source != "none" or usage.cost:
+        if self.metered_by_gateway:
+            usage, self._gateway_turn = self._gateway_turn, TurnUsage(source="gateway")
+        elif usage.source != "none" or usage.cost:
             self.ledger.record(user=self.user, session_id=self.id, agent=self.spec.name, turn=turn,
                                usage=usage, started_at=started, ended_at=ended)
         stop_reason = str(response.stop_reason) if response is not None else "error"

@@ -31,6 +31,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    cast,
     create_engine,
     event,
     func,
@@ -189,6 +190,8 @@ usage_table = Table(
 
 _SUMS = [func.coalesce(func.sum(usage_table.c[name]), 0).label(name)
          for name in (*TOKEN_FIELDS, "total_tokens", "cost")]
+#: Turns, not records: the LLM gateway writes one record per LLM request of a turn.
+_TURNS = func.count(func.distinct(usage_table.c.session_id + ":" + cast(usage_table.c.turn, String)))
 
 
 def utc_day(ts: float | None = None) -> str:
@@ -264,7 +267,7 @@ class UsageLedger(LoggingConfigurable):
             return int(result.inserted_primary_key[0])
 
     def _totals(self, *where: Any) -> dict[str, Any]:
-        query = select(*_SUMS, func.count().label("turns")).where(*where)
+        query = select(*_SUMS, _TURNS.label("turns")).where(*where)
         with self.engine.connect() as conn:
             row = conn.execute(query).mappings().one()
         return {k: (float(v) if k == "cost" else int(v)) for k, v in row.items()}
@@ -287,7 +290,7 @@ class UsageLedger(LoggingConfigurable):
             )
 
     def _grouped(self, keys: list[Any], *where: Any) -> list[dict[str, Any]]:
-        query = select(*keys, *_SUMS, func.count().label("turns")).where(*where).group_by(*keys)
+        query = select(*keys, *_SUMS, _TURNS.label("turns")).where(*where).group_by(*keys)
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(*keys)).mappings().all()
         return [dict(r) for r in rows]

@@ -1,0 +1,155 @@
+"""Read the token usage an LLM endpoint bills out of its responses, streamed or not.
+
+The gateway passes every response body through a ``UsageMeter`` while relaying it. The meter
+understands the three wire formats agents speak:
+
+* OpenAI chat completions: a JSON body with ``usage {prompt_tokens, completion_tokens,
+  total_tokens, prompt_tokens_details.cached_tokens, completion_tokens_details.reasoning_tokens}``,
+  or SSE ``data:`` events where the last one carrying ``usage`` (sent when
+  ``stream_options.include_usage`` is set — the gateway sets it) holds the request's totals;
+* Gemini ``generateContent`` / ``streamGenerateContent``: ``usageMetadata {promptTokenCount,
+  candidatesTokenCount, thoughtsTokenCount, cachedContentTokenCount, totalTokenCount}``,
+  cumulative over a stream (the last one counts), as SSE, one JSON object or a JSON array;
+* Anthropic messages: ``usage`` on the JSON body, or ``message_start`` (input) and
+  ``message_delta`` (output, cumulative) events.
+
+The mapping is what the endpoint bills: ``input_tokens`` is the whole prompt (cached part
+included, also reported as ``cached_read_tokens``), ``output_tokens`` the whole completion
+(reasoning included for OpenAI, reported apart as ``thought_tokens``), ``total_tokens`` the
+endpoint's own total when it gives one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..usage import TurnUsage
+
+#: Wire formats the gateway and the meter understand.
+APIS = ("openai", "gemini", "anthropic")
+
+
+def _int(value: Any) -> int:
+    try:
+        return max(int(value), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+class UsageMeter:
+    """Fed the response body chunk by chunk; ``result()`` is the request's usage (or None)."""
+
+    def __init__(self, api: str) -> None:
+        if api not in APIS:
+            raise ValueError(f"Unknown LLM API {api!r}; known: {', '.join(APIS)}")
+        self.api = api
+        self._buffer = bytearray()
+        self._sse: bool | None = None
+        self._usage: dict[str, int] | None = None
+        self.model: str | None = None
+        # anthropic streams split input (message_start) and output (message_delta)
+        self._anthropic: dict[str, int] = {}
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        if self._sse is None:
+            head = bytes(self._buffer).lstrip()
+            if head:
+                self._sse = not head.startswith((b"{", b"["))
+        if self._sse:
+            self._drain_events()
+
+    def _drain_events(self, final: bool = False) -> None:
+        data = bytes(self._buffer).replace(b"\r\n", b"\n")
+        *events, rest = data.split(b"\n\n")
+        if final:
+            events.append(rest)
+            rest = b""
+        self._buffer = bytearray(rest)
+        for event in events:
+            lines = event.split(b"\n")
+            payload = b"\n".join(line[5:].lstrip() for line in lines if line.startswith(b"data:"))
+            if not payload or payload.strip() == b"[DONE]":
+                continue
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                continue
+            self._observe(obj)
+
+    def result(self) -> TurnUsage | None:
+        """The usage of the whole response; call once, after the last chunk."""
+        if self._sse:
+            self._drain_events(final=True)
+        elif self._buffer:
+            try:
+                obj = json.loads(bytes(self._buffer))
+            except ValueError:
+                obj = None
+            for item in obj if isinstance(obj, list) else [obj]:
+                if isinstance(item, dict):
+                    self._observe(item)
+        if self._anthropic and self._usage is None:
+            self._usage = self._anthropic_totals()
+        if self._usage is None:
+            return None
+        u = self._usage
+        return TurnUsage(input_tokens=u["input"], output_tokens=u["output"], thought_tokens=u["thought"],
+                         cached_read_tokens=u["cached_read"], cached_write_tokens=u["cached_write"],
+                         total_tokens=u["total"] or u["input"] + u["output"], model=self.model,
+                         source="gateway")
+
+    # -- per format ----------------------------------------------------------------------------
+    def _observe(self, obj: dict[str, Any]) -> None:
+        if isinstance(obj.get("model"), str):
+            self.model = obj["model"]
+        elif isinstance(obj.get("modelVersion"), str):
+            self.model = obj["modelVersion"]
+        if self.api == "openai":
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                details = usage.get("prompt_tokens_details") or {}
+                out_details = usage.get("completion_tokens_details") or {}
+                self._usage = {"input": _int(usage.get("prompt_tokens")),
+                               "output": _int(usage.get("completion_tokens")),
+                               "thought": _int(out_details.get("reasoning_tokens")),
+                               "cached_read": _int(details.get("cached_tokens")), "cached_write": 0,
+                               "total": _int(usage.get("total_tokens"))}
+        elif self.api == "gemini":
+            meta = obj.get("usageMetadata")
+            if isinstance(meta, dict):  # cumulative over a stream: the last one wins
+                self._usage = {"input": _int(meta.get("promptTokenCount")),
+                               "output": _int(meta.get("candidatesTokenCount")),
+                               "thought": _int(meta.get("thoughtsTokenCount")),
+                               "cached_read": _int(meta.get("cachedContentTokenCount")), "cached_write": 0,
+                               "total": _int(meta.get("totalTokenCount"))}
+        else:
+            self._observe_anthropic(obj)
+
+    def _observe_anthropic(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        if kind == "message_start" and isinstance(obj.get("message"), dict):
+            usage = obj["message"].get("usage") or {}
+            if isinstance(obj["message"].get("model"), str):
+                self.model = obj["message"]["model"]
+            self._anthropic.update(input=_int(usage.get("input_tokens")),
+                                   output=_int(usage.get("output_tokens")),
+                                   cached_read=_int(usage.get("cache_read_input_tokens")),
+                                   cached_write=_int(usage.get("cache_creation_input_tokens")))
+        elif kind == "message_delta" and isinstance(obj.get("usage"), dict):
+            self._anthropic["output"] = _int(obj["usage"].get("output_tokens"))
+        elif kind == "message" and isinstance(obj.get("usage"), dict):
+            usage = obj["usage"]
+            self._anthropic = {"input": _int(usage.get("input_tokens")),
+                               "output": _int(usage.get("output_tokens")),
+                               "cached_read": _int(usage.get("cache_read_input_tokens")),
+                               "cached_write": _int(usage.get("cache_creation_input_tokens"))}
+
+    def _anthropic_totals(self) -> dict[str, int]:
+        a = self._anthropic
+        # Anthropic bills cache reads/writes on top of input_tokens (they are not part of it)
+        inp = a.get("input", 0) + a.get("cached_read", 0) + a.get("cached_write", 0)
+        return {"input": inp, "output": a.get("output", 0), "thought": 0,
+                "cached_read": a.get("cached_read", 0), "cached_write": a.get("cached_write", 0),
+                "total": inp + a.get("output", 0)}
