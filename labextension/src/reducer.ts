@@ -1,0 +1,449 @@
+/**
+ * The session event reducer: WebSocket frames (docs/api.md) → the state the panel draws.
+ *
+ * Kept pure (no DOM, no JupyterLab) so that what the user sees for a given stream of events is
+ * unit-tested without a browser, and so that a reconnect can replay history through the same
+ * function: events whose `seq` was already applied are ignored, which makes replays idempotent.
+ */
+
+export interface TokenCounts {
+  input_tokens: number;
+  output_tokens: number;
+  total_tokens: number;
+}
+
+export interface PermissionOption {
+  optionId: string;
+  name: string;
+  kind: string;
+}
+
+export interface DiffContent {
+  type: 'diff';
+  path: string;
+  oldText: string | null;
+  newText: string;
+}
+
+export interface TextContent {
+  type: 'text';
+  text: string;
+}
+
+export interface TerminalContent {
+  type: 'terminal';
+  terminalId: string;
+}
+
+export type ToolContent = DiffContent | TextContent | TerminalContent;
+
+export interface PlanEntry {
+  content: string;
+  priority: string;
+  status: string;
+}
+
+export interface Mode {
+  id: string;
+  name: string;
+  description?: string | null;
+}
+
+export type ChatItem =
+  | { kind: 'user'; text: string; turn: number | null }
+  | { kind: 'agent'; text: string }
+  | { kind: 'thought'; text: string }
+  | {
+      kind: 'tool';
+      toolCallId: string;
+      title: string;
+      toolKind: string;
+      status: string;
+      content: ToolContent[];
+      locations: string[];
+    }
+  | { kind: 'plan'; entries: PlanEntry[] }
+  | {
+      kind: 'permission';
+      requestId: string;
+      title: string;
+      toolKind: string;
+      options: PermissionOption[];
+      resolved: null | { outcome: string; optionId: string | null; by: string };
+    }
+  | { kind: 'turn'; stopReason: string; totalTokens: number; duration: number | null }
+  | { kind: 'error'; message: string }
+  | { kind: 'notice'; text: string };
+
+export interface SessionView {
+  /** The session's id and agent from the `hello` frame (null before it). */
+  id: string | null;
+  agent: string;
+  agentDisplayName: string;
+  /** The session's workspace on the server (absolute), to show paths relative to it. */
+  workspace: string;
+  state: string;
+  error: string | null;
+  items: ChatItem[];
+  /** The highest `seq` applied: reconnect with `?since=lastSeq`. */
+  lastSeq: number;
+  /** `last_seq` of the latest `hello`: turns up to it are already in `tokens`. */
+  helloSeq: number;
+  /** True between `hello` and `history:end`. */
+  replaying: boolean;
+  /** The session's token totals (server totals at `hello` plus the turns ended since). */
+  tokens: TokenCounts;
+  turns: number;
+  context: { used: number | null; size: number | null } | null;
+  currentMode: string | null;
+  modes: Mode[];
+  commands: { name: string; description: string }[];
+  /** Request ids of the permission prompts still waiting for an answer. */
+  pendingPermissions: string[];
+  /** True while a turn runs (state `busy`). */
+  busy: boolean;
+}
+
+export function emptyView(): SessionView {
+  return {
+    id: null,
+    agent: '',
+    agentDisplayName: '',
+    workspace: '',
+    state: 'unknown',
+    error: null,
+    items: [],
+    lastSeq: 0,
+    helloSeq: 0,
+    replaying: false,
+    tokens: { input_tokens: 0, output_tokens: 0, total_tokens: 0 },
+    turns: 0,
+    context: null,
+    currentMode: null,
+    modes: [],
+    commands: [],
+    pendingPermissions: [],
+    busy: false
+  };
+}
+
+/** One frame from the session WebSocket (an event with `seq`, or a control frame without). */
+export interface Frame {
+  type: string;
+  seq?: number;
+  time?: number;
+  data?: any;
+}
+
+const num = (v: unknown): number => (typeof v === 'number' && isFinite(v) ? v : 0);
+const str = (v: unknown, fallback = ''): string => (typeof v === 'string' ? v : fallback);
+
+function toolTitle(call: any): string {
+  return str(call?.title, str(call?.toolCallId, 'tool call'));
+}
+
+function normaliseContent(raw: unknown): ToolContent[] {
+  if (!Array.isArray(raw)) {
+    return [];
+  }
+  const out: ToolContent[] = [];
+  for (const c of raw) {
+    if (c?.type === 'diff') {
+      out.push({
+        type: 'diff',
+        path: str(c.path),
+        oldText: typeof c.oldText === 'string' ? c.oldText : null,
+        newText: str(c.newText)
+      });
+    } else if (c?.type === 'content' && c.content?.type === 'text') {
+      out.push({ type: 'text', text: str(c.content.text) });
+    } else if (c?.type === 'terminal') {
+      out.push({ type: 'terminal', terminalId: str(c.terminalId) });
+    }
+  }
+  return out;
+}
+
+function locations(raw: unknown): string[] {
+  if (!Array.isArray(raw)) {
+    return [];
+  }
+  const all = raw.map(l => (l?.line ? `${str(l.path)}:${l.line}` : str(l?.path))).filter(Boolean);
+  return [...new Set(all)];
+}
+
+/** Text of a content block (`{"type": "text", "text"}`); other kinds show as a placeholder. */
+function blockText(content: any): string {
+  if (content?.type === 'text') {
+    return str(content.text);
+  }
+  if (content?.type === 'resource_link') {
+    return `[${str(content.name, str(content.uri))}](${str(content.uri)})`;
+  }
+  return content?.type ? `[${content.type}]` : '';
+}
+
+/** Append streamed text to the last item when it is of the same kind, else start a new one. */
+function appendChunk(items: ChatItem[], kind: 'agent' | 'thought', text: string): ChatItem[] {
+  if (!text) {
+    return items; // e.g. Qwen Code's empty chunks that only carry `_meta.usage`
+  }
+  const last = items[items.length - 1];
+  if (last && last.kind === kind) {
+    return [...items.slice(0, -1), { ...last, text: last.text + text }];
+  }
+  return [...items, { kind, text }];
+}
+
+function applyUpdate(view: SessionView, u: any): SessionView {
+  switch (u?.sessionUpdate) {
+    case 'agent_message_chunk':
+      return { ...view, items: appendChunk(view.items, 'agent', blockText(u.content)) };
+    case 'agent_thought_chunk':
+      return { ...view, items: appendChunk(view.items, 'thought', blockText(u.content)) };
+    case 'user_message_chunk':
+      return view; // our own prompts arrive as `chat:message`
+    case 'tool_call': {
+      const item: ChatItem = {
+        kind: 'tool',
+        toolCallId: str(u.toolCallId),
+        title: toolTitle(u),
+        toolKind: str(u.kind, 'other'),
+        status: str(u.status, 'pending'),
+        content: normaliseContent(u.content),
+        locations: locations(u.locations)
+      };
+      const at = view.items.findIndex(i => i.kind === 'tool' && i.toolCallId === item.toolCallId);
+      if (at >= 0) {
+        const items = view.items.slice();
+        items[at] = item;
+        return { ...view, items };
+      }
+      return { ...view, items: [...view.items, item] };
+    }
+    case 'tool_call_update': {
+      const id = str(u.toolCallId);
+      const at = view.items.findIndex(i => i.kind === 'tool' && i.toolCallId === id);
+      if (at < 0) {
+        return applyUpdate(view, { ...u, sessionUpdate: 'tool_call' });
+      }
+      const old = view.items[at] as Extract<ChatItem, { kind: 'tool' }>;
+      const items = view.items.slice();
+      items[at] = {
+        ...old,
+        title: typeof u.title === 'string' ? u.title : old.title,
+        toolKind: typeof u.kind === 'string' ? u.kind : old.toolKind,
+        status: typeof u.status === 'string' ? u.status : old.status,
+        content: Array.isArray(u.content) ? normaliseContent(u.content) : old.content,
+        locations: Array.isArray(u.locations) ? locations(u.locations) : old.locations
+      };
+      return { ...view, items };
+    }
+    case 'plan': {
+      const entries: PlanEntry[] = (Array.isArray(u.entries) ? u.entries : []).map((e: any) => ({
+        content: str(e?.content),
+        priority: str(e?.priority, 'medium'),
+        status: str(e?.status, 'pending')
+      }));
+      // a plan replaces the previous plan of the same turn (the protocol sends it whole)
+      let lastUser = -1;
+      view.items.forEach((item, i) => {
+        if (item.kind === 'user') {
+          lastUser = i;
+        }
+      });
+      const at = view.items.findIndex((i, n) => n > lastUser && i.kind === 'plan');
+      const items = view.items.slice();
+      if (at >= 0) {
+        items[at] = { kind: 'plan', entries };
+      } else {
+        items.push({ kind: 'plan', entries });
+      }
+      return { ...view, items };
+    }
+    case 'usage_update':
+      return { ...view, context: { used: num(u.used), size: num(u.size) || null } };
+    case 'current_mode_update':
+      return { ...view, currentMode: str(u.currentModeId, view.currentMode ?? '') || null };
+    case 'available_commands_update':
+      return {
+        ...view,
+        commands: (Array.isArray(u.availableCommands) ? u.availableCommands : []).map((c: any) => ({
+          name: str(c?.name),
+          description: str(c?.description)
+        }))
+      };
+    default:
+      return view; // config_option_update, session_info_update, future variants
+  }
+}
+
+function permissionItem(data: any): Extract<ChatItem, { kind: 'permission' }> {
+  return {
+    kind: 'permission',
+    requestId: str(data?.request_id),
+    title: toolTitle(data?.tool_call),
+    toolKind: str(data?.tool_call?.kind, 'other'),
+    options: (Array.isArray(data?.options) ? data.options : []).map((o: any) => ({
+      optionId: str(o?.optionId),
+      name: str(o?.name, str(o?.optionId)),
+      kind: str(o?.kind)
+    })),
+    resolved: null
+  };
+}
+
+/** Apply the `hello` frame: the session as it is now (totals include every turn so far). */
+function applyHello(view: SessionView, s: any): SessionView {
+  const tokens = s?.tokens ?? {};
+  const modes = s?.modes ?? null;
+  const pending: any[] = Array.isArray(s?.pending_permissions) ? s.pending_permissions : [];
+  let items = view.items;
+  for (const p of pending) {
+    if (!items.some(i => i.kind === 'permission' && i.requestId === p.request_id)) {
+      items = [...items, permissionItem(p)];
+    }
+  }
+  return {
+    ...view,
+    id: str(s?.id, view.id ?? ''),
+    agent: str(s?.agent),
+    agentDisplayName: str(s?.agent_display_name, str(s?.agent)),
+    workspace: str(s?.workspace, view.workspace),
+    state: str(s?.state, view.state),
+    error: s?.error ?? null,
+    busy: s?.state === 'busy',
+    tokens: {
+      input_tokens: num(tokens.input_tokens),
+      output_tokens: num(tokens.output_tokens),
+      total_tokens: num(tokens.total_tokens)
+    },
+    turns: num(s?.turns),
+    context: s?.context ? { used: s.context.used ?? null, size: s.context.size ?? null } : view.context,
+    currentMode: modes?.currentModeId ?? null,
+    modes: Array.isArray(modes?.availableModes)
+      ? modes.availableModes.map((m: any) => ({ id: str(m?.id), name: str(m?.name, str(m?.id)) }))
+      : [],
+    pendingPermissions: pending.map(p => str(p?.request_id)),
+    items,
+    replaying: true,
+    // events up to the hello's last_seq are already in the totals above
+    helloSeq: num(s?.last_seq)
+  };
+}
+
+/**
+ * Apply one frame. Returns a new state (the input is never changed); frames with a `seq` that
+ * was already applied return the same state, so history can be replayed on every reconnect.
+ */
+export function reduce(view: SessionView, frame: Frame): SessionView {
+  if (!frame || typeof frame.type !== 'string') {
+    return view;
+  }
+  const data = frame.data ?? {};
+  if (typeof frame.seq !== 'number') {
+    switch (frame.type) {
+      case 'hello':
+        return applyHello(view, data);
+      case 'history:end':
+        return { ...view, replaying: false };
+      case 'error': // a reply to this socket only (bad frame, busy, quota): show it
+        return { ...view, items: [...view.items, { kind: 'error', message: str(data.message, 'Error') }] };
+      default:
+        return view; // pong, unknown control frames
+    }
+  }
+  if (frame.seq <= view.lastSeq) {
+    return view;
+  }
+  const next: SessionView = { ...view, lastSeq: frame.seq };
+  switch (frame.type) {
+    case 'state':
+      return {
+        ...next,
+        state: str(data.state, view.state),
+        error: data.error ?? null,
+        busy: data.state === 'busy'
+      };
+    case 'chat:message':
+      return {
+        ...next,
+        items: [...next.items, { kind: 'user', text: str(data.text), turn: data.turn ?? null }]
+      };
+    case 'session/update':
+      return applyUpdate(next, data);
+    case 'permission:request': {
+      const item = permissionItem(data);
+      if (next.items.some(i => i.kind === 'permission' && i.requestId === item.requestId)) {
+        return next; // already known from the hello's pending list
+      }
+      return {
+        ...next,
+        items: [...next.items, item],
+        pendingPermissions: [...next.pendingPermissions, item.requestId]
+      };
+    }
+    case 'permission:resolved': {
+      const id = str(data.request_id);
+      return {
+        ...next,
+        pendingPermissions: next.pendingPermissions.filter(r => r !== id),
+        items: next.items.map(i =>
+          i.kind === 'permission' && i.requestId === id
+            ? {
+                ...i,
+                resolved: {
+                  outcome: str(data.outcome),
+                  optionId: data.option_id ?? null,
+                  by: str(data.by, 'user')
+                }
+              }
+            : i
+        )
+      };
+    }
+    case 'chat:response': {
+      const usage = data.usage ?? {};
+      // turns ended before the hello are in its totals; count only the later ones
+      const counted = frame.seq > view.helloSeq;
+      const tokens = counted
+        ? {
+            input_tokens: next.tokens.input_tokens + num(usage.input_tokens),
+            output_tokens: next.tokens.output_tokens + num(usage.output_tokens),
+            total_tokens: next.tokens.total_tokens + num(usage.total_tokens)
+          }
+        : next.tokens;
+      return {
+        ...next,
+        tokens,
+        turns: counted ? Math.max(next.turns, num(data.turn)) : next.turns,
+        busy: false,
+        items: [
+          ...next.items,
+          {
+            kind: 'turn',
+            stopReason: str(data.stop_reason, 'end_turn'),
+            totalTokens: num(usage.total_tokens),
+            duration: typeof data.duration === 'number' ? data.duration : null
+          }
+        ]
+      };
+    }
+    case 'error':
+      return { ...next, items: [...next.items, { kind: 'error', message: str(data.message, 'Error') }] };
+    case 'cancel':
+      return { ...next, items: [...next.items, { kind: 'notice', text: 'Cancel requested' }] };
+    default:
+      return next;
+  }
+}
+
+/** Apply many frames in order (history replay, tests). */
+export function reduceAll(view: SessionView, frames: Frame[]): SessionView {
+  return frames.reduce(reduce, view);
+}
+
+/** The turn's running text for the panel's status line, e.g. "1,234 tokens". */
+export function formatTokens(n: number): string {
+  return `${Math.round(n).toLocaleString('en-US')} token${n === 1 ? '' : 's'}`;
+}
