@@ -217,9 +217,10 @@ class BubblewrapSandbox(ProcessSandbox):
             if os.path.lexists(f"/etc/{entry}"):
                 cmd += ["--ro-bind-try", f"/etc/{entry}", f"/etc/{entry}"]
         cmd += ["--remount-ro", "/etc"]
+        # /tmp before the paths: a venv or agent install under /tmp must stay visible on top of it
+        cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         for path in spec.ro_paths:
             cmd += ["--ro-bind-try", path, path]
-        cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         for path in spec.rw_paths:
             cmd += ["--bind", path, path]
         # last, so that it wins over a read-only path that contains it
