@@ -47,11 +47,16 @@ def require_agent(name: str) -> str:
     return directory
 
 
-@pytest.fixture(params=[pytest.param("bubblewrap", marks=pytest.mark.sandbox), "local"])
+@pytest.fixture(params=[pytest.param("bubblewrap", marks=pytest.mark.sandbox), "local",
+                        pytest.param("docker", marks=pytest.mark.docker)])
 def backend(request: pytest.FixtureRequest) -> str:
     if request.param == "bubblewrap":
         ok, why = BubblewrapSandbox.available()
         acp_require("JUPYTER_ACP_REQUIRE_SANDBOX", ok, f"bubblewrap cannot run here: {why}")
+    if request.param == "docker":
+        from test_docker_sandbox import require_docker
+
+        require_docker()
     return request.param
 
 
@@ -99,6 +104,19 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def agent_pid(sandbox) -> int:
+    """The host pid of the sandbox's first process (a container's init for docker)."""
+    if sandbox.kind != "docker":
+        return sandbox.process.pid
+    import docker
+
+    client = docker.DockerClient(version="auto", **docker.utils.kwargs_from_env())
+    try:
+        return client.api.inspect_container(sandbox.container_id)["State"]["Pid"]
+    finally:
+        client.close()
+
+
 async def run_agent_session(acp_managers, fake: FakeLLM, backend: str, agent: str, creds: dict,
                             fs_writes: list, mode: str | None, edit_existing: bool = False) -> None:
     bin_dir = require_agent(agent)
@@ -120,7 +138,7 @@ async def run_agent_session(acp_managers, fake: FakeLLM, backend: str, agent: st
     chunks = [e for e in events if e["type"] == "session_update"
               and e["data"]["sessionUpdate"] == "agent_message_chunk" and e["data"]["content"].get("text")]
     assert len(chunks) > 1  # streamed, not one block
-    rss = tree_rss(session.sandbox.process.pid)
+    rss = tree_rss(agent_pid(session.sandbox))
 
     # 2. a tool call that writes a file, after a permission request answered by "the user"
     if mode:

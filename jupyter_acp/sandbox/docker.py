@@ -861,11 +861,12 @@ class DockerSandbox(Sandbox, LoggingConfigurable, metaclass=_ConfigurableSandbox
             uid, gid = int(uid_s), int(gid_s or uid_s)
         except ValueError:
             return  # a user name: we cannot know its uid here
-        for path in self.spec.rw_paths:
-            with contextlib.suppress(OSError):
-                st = os.stat(path)
-                if st.st_uid == 0 and (st.st_uid, st.st_gid) != (uid, gid):
-                    os.chown(path, uid, gid)
+        for top in self.spec.rw_paths:  # and what the server wrote there (agent settings, sockets)
+            for path in [top, *(os.path.join(d, n) for d, dirs, files in os.walk(top) for n in dirs + files)]:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(path)
+                    if st.st_uid == 0 and (st.st_uid, st.st_gid) != (uid, gid):
+                        os.lchown(path, uid, gid)
 
     def limits_enforced(self) -> dict[str, bool]:
         return {"mem_limit": False, "cpu_limit": False, "pids_limit": False, **self._enforced,
