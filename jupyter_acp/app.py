@@ -106,6 +106,13 @@ class AcpExtension(ExtensionApp):
     def _default_owner_name(self) -> str:
         return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
 
+    max_socket_buffer_bytes = Integer(
+        64 * 1024 * 1024,
+        help="""Bytes of events a session WebSocket may have queued for a client that reads too
+        slowly; beyond it the socket is closed (code 1013) and the client resumes with
+        ``?since=<last seq>`` from the history. 0 means no limit.""",
+    ).tag(config=True)
+
     session_manager_class = Type(
         UserSessionManager,
         klass=UserSessionManager,
@@ -132,6 +139,7 @@ class AcpExtension(ExtensionApp):
             acp_owner=self._owner(),
             acp_max_message_bytes=self.max_message_bytes,
             acp_max_request_bytes=self.max_request_bytes,
+            acp_max_socket_buffer_bytes=self.max_socket_buffer_bytes,
         )
         self.log.info("jupyter-acp %s: agents %s; sandboxes %s", __version__,
                       ", ".join(s.name for s, ok, _ in manager.agents.list_agents() if ok) or "none",

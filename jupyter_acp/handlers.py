@@ -390,14 +390,32 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
         self.send({"type": "history:end", "data": {"last_seq": session.last_seq}})
         self._unsubscribe = session.subscribe(lambda e: self.send(public_event(e)), replay=False)
 
+    _buffered = 0
+
     def send(self, message: dict[str, Any]) -> None:
+        """Queue one frame. A client that reads slower than the agent writes would make the
+        server buffer without bound: past ``max_socket_buffer_bytes`` it is disconnected (1013)
+        and resumes with ``?since=`` — nothing is lost, the history holds every event."""
         if self.ws_connection is None or self.ws_connection.is_closing():
             self.close_subscription()
             return
+        payload = json.dumps(message, default=str)
+        cap = self.settings.get("acp_max_socket_buffer_bytes") or 0
+        if cap and self._buffered > cap:
+            self.close_subscription()
+            self.close(1013, "The client reads too slowly; reconnect with ?since=<last seq>")
+            return
         try:
-            self.write_message(json.dumps(message, default=str))
+            future = self.write_message(payload)
         except websocket.WebSocketClosedError:
             self.close_subscription()
+            return
+        size = len(payload)
+        self._buffered += size
+        future.add_done_callback(lambda _: self._flushed(size))
+
+    def _flushed(self, size: int) -> None:
+        self._buffered -= size
 
     def reply_error(self, message: str, status: int = 400) -> None:
         self.send({"type": "error", "data": {"message": message, "status": status}})

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -431,3 +432,37 @@ async def test_stopping_the_extension_stops_every_agent(api: Any, jp_serverapp: 
     await next(iter(extension)).stop_extension()
     assert manager.all_sessions() == []
     assert all(p.returncode is not None for p in procs)
+
+
+async def test_a_client_too_slow_to_read_is_dropped_and_resumes_without_loss(
+        api: Any, jp_serverapp: Any, jp_http_port: int, jp_base_url: str) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedError
+
+    jp_serverapp.web_app.settings["acp_max_socket_buffer_bytes"] = 64 * 1024
+    sid = (await start(api))["id"]
+    session = jp_serverapp.web_app.settings["acp_manager"].get_user_session("alice", sid)
+    url = f"ws://127.0.0.1:{jp_http_port}{jp_base_url}api/acp/sessions/{sid}/ws"
+    # max_queue=1: once one frame waits unread, the client stops reading its (small) TCP socket
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", jp_http_port))
+    stalled = await connect(url, additional_headers=auth("alice"), max_queue=1, sock=sock)
+    await api("POST", f"sessions/{sid}/messages", {"message": "/stream 20000"})
+    assert session._subscribers == []  # the stalled socket was dropped, the turn went on
+    with pytest.raises(ConnectionClosedError) as closed:
+        while True:
+            await stalled.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+    jp_serverapp.web_app.settings["acp_max_socket_buffer_bytes"] = 0  # the replay comes in one burst
+    async with connect(url + "?since=0", additional_headers=auth("alice"), max_size=None) as ws:
+        seqs = []
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame["type"] == "history:end":
+                break
+            if "seq" in frame:
+                seqs.append(frame["seq"])
+    # the history keeps the latest max_history events, all of them in order
+    assert seqs == list(range(session.last_seq - len(seqs) + 1, session.last_seq + 1))
+    assert len(seqs) == min(session.last_seq, session.options.max_history)
