@@ -1,0 +1,332 @@
+"""``%acp`` and ``%%acp``: agent sessions from notebook cells (``%load_ext jupyter_acp``).
+
+Every failure prints one line for the person at the notebook (no traceback); the data lives on
+the server (``api.py``), so the same sessions show in the JupyterLab sidebar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.display import HTML, Markdown, display
+
+from .api import AcpApi, AcpApiError
+
+USAGE = """Agent sessions from notebook cells (jupyter-acp).
+
+Line magic ``%acp COMMAND``:
+
+  %acp agents                            the agents this server offers (and why others are not)
+  %acp start [--agent NAME] [--new] [--cwd DIR]
+                                         start a session (or reuse my live one) and use it
+  %acp sessions                          my sessions; * marks the one in use
+  %acp use ID                            use another of my sessions (an id prefix is enough)
+  %acp stop [ID]                         stop a session (default: the one in use)
+  %acp stats [ID] [--plot]               state, turns and tokens; --plot charts tokens per turn
+  %acp usage                             my tokens per day, and my quota
+  %acp mode [MODE]                       show or switch the session's mode (e.g. default, yolo)
+  %acp cancel                            cancel the running turn of the session in use
+  %acp chat [--agent NAME]               a chat panel widget on the session in use
+
+Cell magic ``%%acp [--session ID] [--permissions ask|allow|deny]``: the cell is the prompt; the
+reply streams into the output as Markdown, tool calls one line each, then the turn's tokens.
+With no session in use, one is started with the default agent. Permission requests are asked
+with an input box (``ask``, the default) or answered by ``allow`` / ``deny``. Interrupting the
+kernel (the stop button) cancels the turn at the agent.
+"""
+
+
+class MagicError(Exception):
+    """A usage error of the magics: printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would exit the kernel's process
+        raise MagicError(f"{message} (see %acp?)")
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="%acp", add_help=False)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("agents", add_help=False)
+    start = sub.add_parser("start", add_help=False)
+    start.add_argument("--agent")
+    start.add_argument("--new", action="store_true")
+    start.add_argument("--cwd")
+    sub.add_parser("sessions", add_help=False)
+    sub.add_parser("use", add_help=False).add_argument("id")
+    sub.add_parser("stop", add_help=False).add_argument("id", nargs="?")
+    stats = sub.add_parser("stats", add_help=False)
+    stats.add_argument("id", nargs="?")
+    stats.add_argument("--plot", action="store_true")
+    sub.add_parser("usage", add_help=False)
+    sub.add_parser("mode", add_help=False).add_argument("mode", nargs="?")
+    sub.add_parser("cancel", add_help=False)
+    sub.add_parser("chat", add_help=False).add_argument("--agent")
+    for sp in sub.choices.values():
+        sp.error = parser.error  # type: ignore[method-assign]
+    return parser
+
+
+def _cell_parser() -> _Parser:
+    parser = _Parser(prog="%%acp", add_help=False)
+    parser.add_argument("--session")
+    parser.add_argument("--permissions", choices=["ask", "allow", "deny"], default="ask")
+    return parser
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def svg_bars(values: list[int], labels: list[str], title: str) -> str:
+    """A small bar chart as inline SVG (no plotting library needed)."""
+    width, height, pad = max(240, 40 * len(values) + 40), 180, 30
+    top = max(values or [1]) or 1
+    bar_w = (width - 2 * pad) / max(len(values), 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
+             f'<title>{title}</title>',
+             f'<text x="{pad}" y="16" font-size="12">{title}</text>']
+    for i, (value, label) in enumerate(zip(values, labels, strict=True)):
+        h = (height - 2 * pad - 10) * value / top
+        x, y = pad + i * bar_w + 2, height - pad - h
+        parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w - 4:.1f}" height="{h:.1f}" fill="#3b82f6">'
+                     f"<title>{label}: {value}</title></rect>")
+        parts.append(f'<text x="{x + (bar_w - 4) / 2:.1f}" y="{height - pad + 14}" font-size="10" '
+                     f'text-anchor="middle">{label}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+class TurnRenderer:
+    """Streams one turn into the cell output: Markdown updated in place, tool calls one line each."""
+
+    def __init__(self, min_interval: float = 0.1) -> None:
+        self.text = ""
+        self.tools: dict[str, str] = {}
+        self.state: dict[str, tuple[str, str]] = {}
+        self.order: list[str] = []
+        self.handle = display(Markdown("*…*"), display_id=True)
+        self.min_interval = min_interval
+        self._last = 0.0
+
+    def markdown(self) -> str:
+        lines = [self.tools[t] for t in self.order]
+        return ("\n".join(lines) + "\n\n" if lines else "") + (self.text or "*…*")
+
+    def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last >= self.min_interval:
+            self._last = now
+            self.handle.update(Markdown(self.markdown()))
+
+    def on_event(self, frame: dict[str, Any]) -> None:
+        data = frame.get("data") or {}
+        if frame["type"] == "session/update":
+            kind = data.get("sessionUpdate")
+            if kind == "agent_message_chunk" and (data.get("content") or {}).get("type") == "text":
+                self.text += data["content"]["text"]
+            elif kind in ("tool_call", "tool_call_update"):
+                tool_id = data.get("toolCallId", "?")
+                if tool_id not in self.tools:
+                    self.order.append(tool_id)
+                previous = self.state.get(tool_id, ("tool", "pending"))
+                title = data.get("title") or previous[0]
+                status = data.get("status") or previous[1]
+                self.state[tool_id] = (title, status)
+                self.tools[tool_id] = f"- 🔧 `{title}` — {status}"
+        self.refresh()
+
+
+@magics_class
+class AcpMagics(Magics):
+    """The state of the magics in one kernel: the API client and the session in use."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self._api: AcpApi | None = None
+        self.current: str | None = None
+
+    __doc__ = USAGE
+
+    @property
+    def api(self) -> AcpApi:
+        if self._api is None:
+            self._api = AcpApi()
+        return self._api
+
+    # -- entry points --------------------------------------------------------------------------
+    @line_magic
+    def acp(self, line: str) -> Any:
+        try:
+            args = _parser().parse_args(shlex.split(line))
+            if not args.command:
+                raise MagicError("Say what to do, e.g. %acp start (see %acp?)")
+            return getattr(self, f"_cmd_{args.command}")(args)
+        except (AcpApiError, MagicError) as e:
+            print(f"acp: {e}")
+        return None
+
+    acp.__doc__ = USAGE
+
+    @cell_magic("acp")
+    def acp_cell(self, line: str, cell: str) -> Any:
+        try:
+            args = _cell_parser().parse_args(shlex.split(line))
+            if not cell.strip():
+                raise MagicError("The cell is empty: write the prompt below %%acp")
+            session_id = self._resolve(args.session) if args.session else self._ensure_session()
+            return self._turn(session_id, cell.strip(), args.permissions)
+        except (AcpApiError, MagicError) as e:
+            print(f"acp: {e}")
+        return None
+
+    acp_cell.__doc__ = USAGE
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _resolve(self, prefix: str | None) -> str:
+        if not prefix:
+            if self.current is None:
+                raise MagicError("No session in use: %acp start first")
+            return self.current
+        ids = [s["id"] for s in self.api.sessions()]
+        matches = [i for i in ids if i.startswith(prefix)]
+        if len(matches) != 1:
+            raise MagicError(f"No session {prefix!r} of yours" if not matches
+                             else f"{prefix!r} matches several sessions; give more of the id")
+        return matches[0]
+
+    def _ensure_session(self) -> str:
+        if self.current is not None:
+            return self.current
+        session = self.api.start()
+        self.current = session["id"]
+        print(f"acp: started {session['agent_display_name']} (session {session['id'][:8]})")
+        return self.current
+
+    def _turn(self, session_id: str, prompt: str, policy: str) -> None:
+        renderer = TurnRenderer()
+
+        def on_event(frame: dict[str, Any]) -> None:
+            renderer.on_event(frame)
+            if frame["type"] == "permission:request":
+                self._permission(session_id, frame["data"], policy)
+
+        result = self.api.stream(session_id, prompt, on_event,
+                                 on_interrupt=lambda: print("acp: cancelling the turn…"))
+        renderer.refresh(force=True)
+        usage = result.get("usage") or {}
+        footer = (f"*{result.get('stop_reason')} · tokens: {usage.get('input_tokens', 0)} in, "
+                  f"{usage.get('output_tokens', 0)} out, {usage.get('total_tokens', 0)} total*")
+        if result.get("error"):
+            footer += f"\n\n**Error:** {result['error']}"
+        display(Markdown(footer))
+
+    def _permission(self, session_id: str, request: dict[str, Any], policy: str) -> None:
+        options = request.get("options", [])
+        title = (request.get("tool_call") or {}).get("title") or "a tool call"
+        if policy in ("allow", "deny"):
+            kinds = ("allow_once", "allow_always") if policy == "allow" else ("reject_once", "reject_always")
+            choice = next((o["optionId"] for o in options if o.get("kind") in kinds), None)
+            print(f"acp: {policy} — {title}")
+            self.api.answer(session_id, request["request_id"], choice)
+            return
+        menu = ", ".join(f"[{i + 1}] {o.get('name', o['optionId'])}" for i, o in enumerate(options))
+        try:
+            answer = input(f"The agent asks permission: {title}. {menu} (Enter rejects): ")
+        except Exception:  # no stdin in this front end (e.g. a non-interactive run)
+            print(f"acp: cannot ask about {title!r} here (no input); rejected — use --permissions allow")
+            answer = ""
+        choice = None
+        if answer.strip().isdigit() and 1 <= int(answer) <= len(options):
+            choice = options[int(answer) - 1]["optionId"]
+        self.api.answer(session_id, request["request_id"], choice)
+
+    # -- subcommands ---------------------------------------------------------------------------
+    def _cmd_agents(self, args: argparse.Namespace) -> None:
+        data = self.api.agents()
+        rows = [[a["name"] + (" (default)" if a["default"] else ""), a["display_name"],
+                 "yes" if a["available"] else f"no: {a['reason']}"] for a in data["agents"]]
+        display(Markdown(_table(rows, ["agent", "name", "available"])))
+
+    def _cmd_start(self, args: argparse.Namespace) -> None:
+        session = self.api.start(args.agent, new=args.new, cwd=args.cwd)
+        self.current = session["id"]
+        print(f"acp: using {session['agent_display_name']} — session {session['id']} "
+              f"({session['state']}, {session['sandbox']} sandbox, in {session['cwd'] or 'your root'})")
+
+    def _cmd_sessions(self, args: argparse.Namespace) -> None:
+        sessions = self.api.sessions()
+        if not sessions:
+            print("acp: no sessions; %acp start")
+            return
+        rows = [[("* " if s["id"] == self.current else "") + s["id"][:12], s["agent"], s["state"],
+                 s["turns"], s["tokens"]["total_tokens"]] for s in sessions]
+        display(Markdown(_table(rows, ["session", "agent", "state", "turns", "tokens"])))
+
+    def _cmd_use(self, args: argparse.Namespace) -> None:
+        self.current = self._resolve(args.id)
+        print(f"acp: using session {self.current}")
+
+    def _cmd_stop(self, args: argparse.Namespace) -> None:
+        session_id = self._resolve(args.id)
+        self.api.stop(session_id)
+        if session_id == self.current:
+            self.current = None
+        print(f"acp: stopped session {session_id}")
+
+    def _cmd_stats(self, args: argparse.Namespace) -> None:
+        session_id = self._resolve(args.id)
+        s = self.api.session(session_id)
+        t = s["tokens"]
+        rows = [["agent", s["agent_display_name"]], ["state", s["state"] + (f" ({s['error']})" if s["error"]
+                                                                             else "")],
+                ["sandbox", s["sandbox"]], ["turns", s["turns"]], ["input tokens", t["input_tokens"]],
+                ["output tokens", t["output_tokens"]], ["total tokens", t["total_tokens"]],
+                ["cost", f"{s['cost']:.6f} {s['currency'] or ''}".strip()]]
+        display(Markdown(_table(rows, ["session " + session_id[:12], ""])))
+        if args.plot:
+            events = self.api.history(session_id)["events"]
+            turns = [e["data"] for e in events if e["type"] == "chat:response"]
+            values = [d["usage"]["total_tokens"] for d in turns]
+            display(HTML(svg_bars(values, [str(d["turn"]) for d in turns], "tokens per turn")))
+
+    def _cmd_usage(self, args: argparse.Namespace) -> None:
+        usage = self.api.usage()
+        rows = [[d["day"], d["turns"], d["input_tokens"], d["output_tokens"], d["total_tokens"]]
+                for d in usage["per_day"]]
+        display(Markdown(_table(rows, ["day (UTC)", "turns", "input", "output", "total"])))
+        quota = usage["quota"]
+        limit = quota["max_tokens_per_day"]
+        print(f"acp: {quota['used_today']} tokens today" +
+              (f" of {limit} ({quota['remaining']} left)" if limit else " (no daily quota)"))
+
+    def _cmd_mode(self, args: argparse.Namespace) -> None:
+        session_id = self._resolve(None)
+        modes = self.api.mode(session_id, args.mode)
+        names = ", ".join(m["id"] for m in modes["available"]) or "none"
+        print(f"acp: mode {modes['current']} (available: {names})")
+
+    def _cmd_cancel(self, args: argparse.Namespace) -> None:
+        cancelled = self.api.cancel(self._resolve(None))
+        print("acp: cancelled the running turn" if cancelled else "acp: no turn is running")
+
+    def _cmd_chat(self, args: argparse.Namespace) -> Any:
+        from .widget import ChatPanel
+
+        if args.agent:
+            return ChatPanel(agent=args.agent, api=self.api)
+        return ChatPanel(session_id=self._ensure_session(), api=self.api)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    ipython.register_magics(AcpMagics)
