@@ -69,7 +69,8 @@ test: venv system-deps docker agents lint jstest
 
 bench: venv system-deps docker
 	@if [ -f $(DOCKER_ENV) ]; then . ./$(DOCKER_ENV); fi; \
-	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in sandbox_start relay fanout scale; do echo "== bench/$$b.py"; \
+	  $(BIN)/python bench/$$b.py || exit 1; done
 
 run: venv
 	@echo "Starting JupyterLab with jupyter-acp (open the URL below; the demo agent needs no setup)"

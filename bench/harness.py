@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,21 +31,31 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def jupyter_server(sandbox: str = "local", extra: list[str] | None = None) -> Iterator[dict]:
-    """Start ``jupyter server`` with the extension; yields {url, ws, root, pid}."""
-    tmp = Path(tempfile.mkdtemp(prefix="acp-bench-"))
+def jupyter_server(sandbox: str = "local", extra: list[str] | None = None,
+                   workdir: Path | None = None, python: list[str] | None = None) -> Iterator[dict]:
+    """Start ``jupyter server`` with the extension; yields {url, ws, root, pid, tmp, proc}.
+
+    ``workdir`` reuses the directory of an earlier server (its root and usage ledger), so that
+    a restarted server finds what the previous one committed. Arguments in ``extra`` come last
+    on the command line and replace the defaults here of the same options. ``python`` replaces
+    the interpreter (e.g. ``[sys.executable, "-m", "cProfile", "-o", FILE]`` to profile it).
+    """
+    tmp = workdir or Path(tempfile.mkdtemp(prefix="acp-bench-"))
     root = tmp / "root"
-    root.mkdir()
+    root.mkdir(exist_ok=True)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTER_DATA_DIR": str(tmp / "data")}
-    cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+    cmd = [*(python or [sys.executable]), "-m", "jupyter_server", "--no-browser", f"--port={port}",
+           "--ip=127.0.0.1",
            f"--ServerApp.root_dir={root}", "--ServerApp.jpserver_extensions={'jupyter_acp': True}",
            "--ServerApp.identity_provider_class=jupyter_acp.testing.TokenPerUser",
            f"--UserSessionManager.sandbox={sandbox}", "--UserSessionManager.max_sessions_per_user=50",
            f"--UsageLedger.db_url=sqlite:///{tmp / 'usage.sqlite'}", "--ServerApp.log_level=WARN",
-           *(extra or [])]
-    log = open(tmp / "server.log", "w")  # noqa: SIM115
+           *(["--allow-root"] if os.geteuid() == 0 else [])]
+    overridden = {arg.split("=", 1)[0] for arg in extra or []}
+    cmd = [arg for arg in cmd if arg.split("=", 1)[0] not in overridden] + list(extra or [])
+    log = open(tmp / "server.log", "a")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 60
@@ -53,15 +64,20 @@ def jupyter_server(sandbox: str = "local", extra: list[str] | None = None) -> It
             req = urllib.request.Request(url + "api/acp/agents", headers={"Authorization": "token user:u0"})
             urllib.request.urlopen(req, timeout=2).read()
             break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
+        except Exception as e:
+            # a 404 there: the server runs but the extension failed to load (see the log)
+            failed = isinstance(e, urllib.error.HTTPError) and e.code == 404
+            if failed or proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                proc.wait()
                 log.close()
                 raise RuntimeError(
                     f"the server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}"
                 ) from None
             time.sleep(0.1)
     try:
-        yield {"url": url, "ws": f"ws://127.0.0.1:{port}/", "root": root, "pid": proc.pid, "tmp": tmp}
+        yield {"url": url, "ws": f"ws://127.0.0.1:{port}/", "root": root, "pid": proc.pid, "tmp": tmp,
+               "proc": proc}
     finally:
         proc.terminate()
         try:
@@ -69,6 +85,11 @@ def jupyter_server(sandbox: str = "local", extra: list[str] | None = None) -> It
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def profiled(path: str) -> list[str] | None:
+    """The ``python`` argument of ``jupyter_server`` that writes a cProfile to ``path`` (if any)."""
+    return [sys.executable, "-m", "cProfile", "-o", str(Path(path).resolve())] if path else None
 
 
 def rest(server: dict, method: str, path: str, user: int = 0, body: dict | None = None) -> dict:
@@ -79,6 +100,26 @@ def rest(server: dict, method: str, path: str, user: int = 0, body: dict | None 
     with urllib.request.urlopen(req, timeout=120) as resp:
         raw = resp.read()
     return json.loads(raw) if raw else {}
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (e.g. a server's agent sandboxes)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry.name))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:
