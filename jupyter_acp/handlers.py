@@ -391,18 +391,25 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
             if event["seq"] > since:
                 self.send(public_event(event))
         self.send({"type": "history:end", "data": {"last_seq": session.last_seq}})
-        self._unsubscribe = session.subscribe(lambda e: self.send(public_event(e)), replay=False)
+        fanouts: dict[str, Fanout] = self.settings.setdefault("acp_fanouts", {})
+        fanout = fanouts.get(session.id)
+        if fanout is None:
+            fanout = fanouts[session.id] = Fanout(session, lambda: fanouts.pop(session.id, None))
+        fanout.add(self)
+        self._unsubscribe = lambda: fanout.remove(self)
 
     _buffered = 0
 
     def send(self, message: dict[str, Any]) -> None:
+        self.send_payload(json.dumps(message, default=str))
+
+    def send_payload(self, payload: str) -> None:
         """Queue one frame. A client that reads slower than the agent writes would make the
         server buffer without bound: past ``max_socket_buffer_bytes`` it is disconnected (1013)
         and resumes with ``?since=`` — nothing is lost, the history holds every event."""
         if self.ws_connection is None or self.ws_connection.is_closing():
             self.close_subscription()
             return
-        payload = json.dumps(message, default=str)
         cap = self.settings.get("acp_max_socket_buffer_bytes") or 0
         if cap and self._buffered > cap:
             self.close_subscription()
@@ -472,6 +479,31 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.close_subscription()
+
+
+class Fanout:
+    """One subscription per session, shared by all its sockets: each event is serialized once,
+    whatever the number of sockets (several tabs, the sidebar and a ChatPanel)."""
+
+    def __init__(self, session: AgentSession, on_empty: Callable[[], None]) -> None:
+        self.sockets: list[SessionSocket] = []
+        self._on_empty = on_empty
+        self._unsubscribe = session.subscribe(self._event, replay=False)
+
+    def _event(self, event: dict[str, Any]) -> None:
+        payload = json.dumps(public_event(event), default=str)
+        for socket in list(self.sockets):
+            socket.send_payload(payload)
+
+    def add(self, socket: SessionSocket) -> None:
+        self.sockets.append(socket)
+
+    def remove(self, socket: SessionSocket) -> None:
+        with contextlib.suppress(ValueError):
+            self.sockets.remove(socket)
+        if not self.sockets:
+            self._unsubscribe()
+            self._on_empty()
 
 
 def handlers() -> list[tuple[str, type]]:
