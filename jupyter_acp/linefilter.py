@@ -4,7 +4,7 @@ The SDK's reader (agent-client-protocol 0.12) trusts its peer too much for a mul
 a line holding a JSON array or string makes its receive loop raise and drop the connection, every
 non-JSON line is logged with a full traceback, and a line without a newline is accumulated
 without bound. Agents do print junk (debug output on stdout, banners), so the server puts this
-filter in between. It forwards only lines that look like JSON objects (``{...}``), drops the rest
+filter in between. It forwards only JSON-RPC objects of shapes the SDK survives, drops the rest
 with a debug log, and drops lines longer than ``limit`` bytes, reporting each drop through
 ``on_drop`` so the session can show it. A well-behaved agent's lines pass untouched, in order.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 
@@ -41,7 +42,7 @@ def filtered_reader(
                 if not line:
                     break
                 stripped = line.strip()
-                if stripped.startswith(b"{") and stripped.endswith(b"}"):
+                if stripped.startswith(b"{") and stripped.endswith(b"}") and _is_jsonrpc(stripped):
                     sink.feed_data(line)
                 elif stripped:
                     log.debug("agent[%s] non-JSON-RPC output dropped: %r", label, stripped[:200])
@@ -57,6 +58,24 @@ def filtered_reader(
                 on_drop(what, size)
 
     return sink, asyncio.create_task(pump(), name=f"acp-linefilter-{label}")
+
+
+def _is_jsonrpc(line: bytes) -> bool:
+    """A JSON object of the shapes the SDK's receive loop survives: an ``id`` that is a string,
+    an integer or null, a string ``method``, object-or-array ``params`` of a request, an object
+    ``error``. (It indexes and hashes these blindly: ``"id": [1]`` ends the connection.)"""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(message, dict):
+        return False
+    msg_id = message.get("id")
+    if msg_id is not None and (isinstance(msg_id, bool) or not isinstance(msg_id, (str, int))):
+        return False
+    if "method" in message:
+        return isinstance(message["method"], str) and isinstance(message.get("params", {}), dict)
+    return "error" not in message or isinstance(message["error"], dict)
 
 
 async def _skip_rest_of_line(source: asyncio.StreamReader, limit: int) -> None:

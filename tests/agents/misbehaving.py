@@ -26,7 +26,11 @@ FLOOD = 50_000
 JUNK = [b"this is not json\n", b'{"jsonrpc": "2.0", "id": \n', b"[1, 2, 3]\n", b'"a string"\n',
         b'{"jsonrpc": "2.0", "id": 987654, "result": {}}\n',
         b'{"jsonrpc": "2.0", "method": "qwen/notify/whatever", "params": {"x": 1}}\n',
-        b'{"jsonrpc": "2.0", "id": 42, "method": "craft/unknown", "params": {}}\n', b"\n"]
+        b'{"jsonrpc": "2.0", "id": 42, "method": "craft/unknown", "params": {}}\n', b"\n",
+        # shapes the SDK's receive loop does not survive (it indexes and hashes them blindly)
+        b'{"jsonrpc": "2.0", "id": [1], "result": null}\n', b'{"jsonrpc": "2.0", "id": 7, "error": 5}\n',
+        b'{"jsonrpc": "2.0", "method": 5, "params": {}}\n', b'{"id": {"a": 1}, "result": 1}\n',
+        b'{"jsonrpc": "2.0", "method": "session/update", "params": [1]}\n']
 
 
 def pollute(writer: asyncio.StreamWriter) -> asyncio.StreamWriter:
