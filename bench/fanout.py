@@ -21,17 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import acp
-from harness import cpu_seconds, jupyter_server, profiled, rest, table
+from harness import cpu_seconds, direct_demo, jupyter_server, profiled, rest, table
 from websockets.asyncio.client import connect
-
-DEMO = [sys.executable, "-m", "jupyter_acp.agents_builtin.demo"]
 
 
 class CountingClient:
@@ -49,24 +46,13 @@ class CountingClient:
 
 
 async def direct(n: int) -> tuple[float, int]:
-    workdir = Path(tempfile.mkdtemp(prefix="acp-bench-direct-"))
-    proc = await asyncio.create_subprocess_exec(
-        *DEMO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        env={"HOME": str(workdir), "PATH": "/usr/bin:/bin"}, cwd=workdir, limit=50 * 1024**2)
     client = CountingClient()
-    conn = acp.connect_to_agent(client, proc.stdin, proc.stdout)
-    try:
-        await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
-        sid = (await conn.new_session(cwd=str(workdir), mcp_servers=[])).session_id
+    async with direct_demo(client, Path(tempfile.mkdtemp(prefix="acp-bench-direct-"))) as (conn, sid):
         await conn.prompt(session_id=sid, prompt=[acp.text_block("/stream 100")])  # warm-up
         client.chunks = 0
         t0 = time.perf_counter()
         await conn.prompt(session_id=sid, prompt=[acp.text_block(f"/stream {n}")])
         return time.perf_counter() - t0, client.chunks
-    finally:
-        await conn.close()
-        proc.stdin.close()
-        await proc.wait()
 
 
 async def subscriber(url: str, ready: asyncio.Event, go: asyncio.Event, prompt: str | None

@@ -7,6 +7,7 @@ as many users.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -143,3 +144,26 @@ def table(rows: list[list[str]]) -> str:
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+DEMO = [sys.executable, "-m", "jupyter_acp.agents_builtin.demo"]
+
+
+@contextlib.asynccontextmanager
+async def direct_demo(client: object, workdir: Path) -> AsyncIterator[tuple[object, str]]:
+    """The baseline of the benchmarks: the demo agent as a plain process, driven with the ACP SDK
+    over its stdio (no server, no sandbox). Yields (connection, session id)."""
+    import acp
+
+    proc = await asyncio.create_subprocess_exec(
+        *DEMO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        env={"HOME": str(workdir), "PATH": "/usr/bin:/bin"}, cwd=workdir, limit=50 * 1024**2)
+    conn = acp.connect_to_agent(client, proc.stdin, proc.stdout)
+    try:
+        await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        yield conn, (await conn.new_session(cwd=str(workdir), mcp_servers=[])).session_id
+    finally:
+        await conn.close()
+        proc.stdin.close()
+        await proc.wait()
+

@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import acp
-from harness import jupyter_server, median, pct, profiled, rest, table
+from harness import direct_demo, jupyter_server, median, pct, profiled, rest, table
 from websockets.asyncio.client import connect
 
 PROMPT = "hello relay benchmark"
-DEMO = [sys.executable, "-m", "jupyter_acp.agents_builtin.demo"]
 
 
 class TimingClient:
@@ -57,14 +55,8 @@ class TimingClient:
 
 
 async def direct(turns: int, warmup: int, workdir: Path) -> tuple[list[float], list[float], str]:
-    proc = await asyncio.create_subprocess_exec(
-        *DEMO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        env={"HOME": str(workdir), "PATH": "/usr/bin:/bin"}, cwd=workdir, limit=50 * 1024**2)
     client = TimingClient()
-    conn = acp.connect_to_agent(client, proc.stdin, proc.stdout)
-    try:
-        await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
-        sid = (await conn.new_session(cwd=str(workdir), mcp_servers=[])).session_id
+    async with direct_demo(client, workdir) as (conn, sid):
         firsts, ends = [], []
         for i in range(warmup + turns):
             client.first, client.chunks = None, []
@@ -75,10 +67,6 @@ async def direct(turns: int, warmup: int, workdir: Path) -> tuple[list[float], l
                 firsts.append(client.first - t0)
                 ends.append(t1 - t0)
         return firsts, ends, "".join(client.chunks)
-    finally:
-        await conn.close()
-        proc.stdin.close()
-        await proc.wait()
 
 
 async def through_server(server: dict, turns: int, warmup: int) -> tuple[list[float], list[float], str]:

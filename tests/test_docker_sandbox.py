@@ -202,6 +202,17 @@ async def test_unreachable_engine_is_explained(tmp_path: Path) -> None:
 
 
 # -- against a real engine ---------------------------------------------------------------------
+def containers_of_run(run_id: str) -> list[dict]:
+    """Every container (running or not) labelled with a run of a manager."""
+    import docker
+
+    client = docker.DockerClient(version="auto", **docker.utils.kwargs_from_env())
+    try:
+        return client.api.containers(all=True, filters={"label": [f"{LABEL_RUN}={run_id}"]})
+    finally:
+        client.close()
+
+
 def require_docker(image: str = "jupyter-acp-sandbox:test") -> None:
     """Skip without an engine or the image, or fail when ``JUPYTER_ACP_REQUIRE_DOCKER=1``."""
     why = ""
@@ -529,14 +540,8 @@ async def test_warm_pool_and_manager_stop(workspace: Path) -> None:
         spares = _engine(parent).containers(all=True, filters={"label": [f"{LABEL_RUN}={run_id}"]})
         await DockerSandbox.on_manager_stop(parent=parent)
     assert [c["Labels"][LABEL_SESSION] for c in spares] == ["warm-pool"]
-    import docker
 
-    client = docker.DockerClient(version="auto", **docker.utils.kwargs_from_env())
-    try:
-        left = client.api.containers(all=True, filters={"label": [f"{LABEL_RUN}={run_id}"]})
-    finally:
-        client.close()
-    assert left == []
+    assert containers_of_run(run_id) == []
 
 
 # -- through the session manager ---------------------------------------------------------------
@@ -594,14 +599,8 @@ async def test_manager_session_in_docker(acp_managers: Any, acp_workspace_root: 
 
     run_id = DockerSandbox._backend_for(manager).run_id
     await manager.shutdown()
-    import docker
 
-    client = docker.DockerClient(version="auto", **docker.utils.kwargs_from_env())
-    try:
-        left = client.api.containers(all=True, filters={"label": [f"{LABEL_RUN}={run_id}"]})
-    finally:
-        client.close()
-    assert left == []
+    assert containers_of_run(run_id) == []
 
 
 @pytest.mark.docker

@@ -24,17 +24,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..usage import TurnUsage
+from ..usage import (
+    TurnUsage,
+    _int,  # a count from an untrusted report: non-negative, 0 if unreadable
+)
 
 #: Wire formats the gateway and the meter understand.
 APIS = ("openai", "gemini", "anthropic")
-
-
-def _int(value: Any) -> int:
-    try:
-        return max(int(value), 0)
-    except (TypeError, ValueError):
-        return 0
 
 
 class UsageMeter:
