@@ -55,7 +55,7 @@ def acp_errors(method: F) -> F:
         try:
             return await method(self, *args, **kwargs)
         except AcpError as e:
-            raise web.HTTPError(e.status, e.message.replace("%", "%%"), reason=None) from None
+            raise web.HTTPError(e.status, e.message, reason=None) from None  # (no args: "%" stays as is)
 
     return wrapper  # type: ignore[return-value]
 
@@ -107,6 +107,16 @@ class AcpHandler(AcpMixin, APIHandler):
         if not isinstance(data, dict):
             raise web.HTTPError(400, "The request body must be a JSON object")
         return data
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """JSON errors like APIHandler's, with the message as written: tornado's ``log_message``
+        doubles every "%" of an HTTPError without args (``get_message`` does not)."""
+        exc = (kwargs.get("exc_info") or (None, None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.get_message():
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps({"message": exc.get_message(), "reason": exc.reason}))
+            return
+        super().write_error(status_code, **kwargs)
 
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)

@@ -357,6 +357,7 @@ async def test_bad_input_gets_clear_4xx_errors_and_the_server_keeps_serving(api:
         ("POST", "sessions", {"agent": 7}, None, 400, "'agent' must be a string"),
         ("POST", "sessions", {"color": "red"}, None, 400, "Unknown fields: color"),
         ("POST", "sessions", {"cwd": "../../etc"}, None, 403, "outside your workspace"),
+        ("POST", "sessions", {"cwd": "../100%"}, None, 403, "cwd '../100%' is outside"),
         ("POST", "sessions", {"credentials": {"api_key": 5}}, None, 400, "string values"),
         ("POST", f"sessions/{sid}/messages", {}, None, 400, "'message' is required"),
         ("POST", f"sessions/{sid}/messages", {"message": "   "}, None, 400, "empty"),
