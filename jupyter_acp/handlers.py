@@ -451,8 +451,7 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
             return self.reply_error("A frame must be a JSON object with a string 'type'")
         kind = data["type"]
         try:
-            if session.id not in {s.id for s in self.manager.get_user_sessions(self.username)}:
-                raise SessionNotFound(session.id)
+            self.user_session(session.id)  # still there (not deleted meanwhile), else 404
             if kind == "ping":
                 self.send({"type": "pong"})
             elif kind == "chat:message":
