@@ -23,6 +23,7 @@ def acp_require(switch: str, ok: bool, reason: str) -> None:
     ``.ci/run`` sets JUPYTER_ACP_REQUIRE_SANDBOX / _DOCKER / _BROWSER so that nothing that should
     have run in CI is silently skipped.
     """
+    assert switch.startswith("JUPYTER_ACP_REQUIRE_"), f"not a CI switch: {switch!r}"
     if ok:
         return
     if os.environ.get(switch) == "1":

@@ -64,10 +64,10 @@ def _wait_for_server(url: str, proc: subprocess.Popen, log: Path) -> None:
 @pytest.fixture
 def lab_server(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A JupyterLab with jupyter-acp on a free port; yields its url, token and root dir."""
-    acp_require("BROWSER", shutil.which("jupyter-lab") is not None or
+    acp_require("JUPYTER_ACP_REQUIRE_BROWSER", shutil.which("jupyter-lab") is not None or
                 (Path(sys.executable).parent / "jupyter-lab").exists(),
                 "JupyterLab is not installed (pip install -e '.[lab]')")
-    acp_require("BROWSER", (LABEXTENSION / "package.json").exists(),
+    acp_require("JUPYTER_ACP_REQUIRE_BROWSER", (LABEXTENSION / "package.json").exists(),
                 f"the labextension is not built ({LABEXTENSION}); pip install -e . builds it")
     root = tmp_path / "root"
     root.mkdir()
@@ -155,9 +155,10 @@ def test_sidebar_chat_permission_file_and_tokens(lab_server: dict[str, str], tmp
         from playwright.sync_api import expect, sync_playwright
     except ImportError:
         sync_playwright = None
-    acp_require("BROWSER", sync_playwright is not None,
+    acp_require("JUPYTER_ACP_REQUIRE_BROWSER", sync_playwright is not None,
                 "playwright is not installed (pip install playwright)")
-    acp_require("BROWSER", os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} is missing (apt-get install chromium)")
+    acp_require("JUPYTER_ACP_REQUIRE_BROWSER", os.access(CHROMIUM, os.X_OK),
+                f"{CHROMIUM} is missing (apt-get install chromium)")
 
     shots = tmp_path / "screenshots"
     shots.mkdir()

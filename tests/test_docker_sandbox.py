@@ -19,6 +19,7 @@ from typing import Any
 
 import acp
 import pytest
+from conftest import acp_require
 from traitlets.config import Config, LoggingConfigurable
 
 from jupyter_acp.agents_builtin import python_ro_paths
@@ -232,11 +233,8 @@ def require_docker(image: str = "jupyter-acp-sandbox:test") -> None:
                 why = f"the image {image} is missing (scripts/sandbox-image builds it)"
             finally:
                 client.close()
-    if not why:
-        return
-    if os.environ.get("JUPYTER_ACP_REQUIRE_DOCKER") == "1":
-        pytest.fail(f"{why} (required because JUPYTER_ACP_REQUIRE_DOCKER=1)", pytrace=False)
-    pytest.skip(f"{why}; run scripts/docker-engine and export the DOCKER_HOST it prints")
+    acp_require("JUPYTER_ACP_REQUIRE_DOCKER", not why,
+                f"{why}; run scripts/docker-engine and export the DOCKER_HOST it prints")
 
 
 class DemoClient:
