@@ -103,6 +103,16 @@ def rest(server: dict, method: str, path: str, user: int = 0, body: dict | None 
     return json.loads(raw) if raw else {}
 
 
+async def events(ws: object) -> AsyncIterator[dict]:
+    """Every frame of a ``?batch=1`` socket (what the sidebar and the kernel open), one at a
+    time: a frame holds one event, or a burst of them as an array. Keep one per socket
+    (``anext``): a burst may hold more than the frame a caller waits for."""
+    while True:
+        data = json.loads(await ws.recv())  # type: ignore[attr-defined]
+        for frame in data if isinstance(data, list) else [data]:
+            yield frame
+
+
 def children(pid: int) -> list[int]:
     """The live processes whose parent is ``pid`` (e.g. a server's agent sandboxes)."""
     out = []

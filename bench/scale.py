@@ -28,7 +28,7 @@ import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import children, cpu_seconds, jupyter_server, median, pct, rest, rss_kb, table
+from harness import children, cpu_seconds, events, jupyter_server, median, pct, rest, rss_kb, table
 from websockets.asyncio.client import connect
 
 PROMPT = "hello scale benchmark"
@@ -71,10 +71,11 @@ async def user_load(server: dict, user: int, sid: str, clock: dict[str, float], 
                     turns: list[float], firsts: list[float], opened: asyncio.Event, go: asyncio.Event
                     ) -> None:
     """One user's client: prompt, wait for the end of the turn, think, until ``clock["until"]``."""
-    url = f"{server['ws']}api/acp/sessions/{sid}/ws?since=1000000000"
+    url = f"{server['ws']}api/acp/sessions/{sid}/ws?since=1000000000&batch=1"
     async with connect(url, additional_headers={"Authorization": f"token user:u{user}"},
                        max_size=None, open_timeout=120) as ws:
-        while json.loads(await ws.recv())["type"] != "history:end":
+        stream = events(ws)
+        while (await anext(stream))["type"] != "history:end":
             pass
         opened.set()
         await go.wait()
@@ -84,7 +85,7 @@ async def user_load(server: dict, user: int, sid: str, clock: dict[str, float], 
             t0 = time.perf_counter()
             await ws.send(json.dumps({"type": "chat:message", "message": PROMPT}))
             while True:
-                frame = json.loads(await ws.recv())
+                frame = await anext(stream)
                 kind = frame["type"]
                 if first is None and kind == "session/update" \
                         and frame["data"].get("sessionUpdate") == "agent_message_chunk":

@@ -31,6 +31,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     cast,
     create_engine,
     event,
@@ -193,6 +194,13 @@ _SUMS = [func.coalesce(func.sum(usage_table.c[name]), 0).label(name)
 #: Turns, not records: the LLM gateway writes one record per LLM request of a turn.
 _TURNS = func.count(func.distinct(usage_table.c.session_id + ":" + cast(usage_table.c.turn, String)))
 
+# Built once: SQLAlchemy caches the compiled form of a statement object, so a turn's insert and
+# the quota check before every prompt cost ~0.1 ms each instead of ~0.6 and ~1.2 ms of
+# building and compiling them anew (measured, SQLite; they run on the server's event loop).
+_INSERT = insert(usage_table)
+_TOKENS_TODAY = select(func.coalesce(func.sum(usage_table.c.total_tokens), 0)).where(
+    usage_table.c.user == bindparam("user"), usage_table.c.day == bindparam("day"))
+
 
 def utc_day(ts: float | None = None) -> str:
     moment = dt.datetime.fromtimestamp(ts if ts is not None else time.time(), dt.timezone.utc)
@@ -263,7 +271,7 @@ class UsageLedger(LoggingConfigurable):
         row.update(user=user, session_id=session_id, agent=agent, turn=turn, started_at=started_at,
                    ended_at=ended, day=utc_day(ended))
         with self.engine.begin() as conn:
-            result = conn.execute(insert(usage_table).values(**row))
+            result = conn.execute(_INSERT, row)
             return int(result.inserted_primary_key[0])
 
     def _totals(self, *where: Any) -> dict[str, Any]:
@@ -279,7 +287,8 @@ class UsageLedger(LoggingConfigurable):
         return self._totals(usage_table.c.user == user)
 
     def tokens_today(self, user: str) -> int:
-        return self._totals(usage_table.c.user == user, usage_table.c.day == utc_day())["total_tokens"]
+        with self.engine.connect() as conn:
+            return int(conn.execute(_TOKENS_TODAY, {"user": user, "day": utc_day()}).scalar_one())
 
     def check_quota(self, user: str) -> None:
         """Raise ``QuotaExceeded`` when ``user`` has no tokens left today."""

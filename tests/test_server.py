@@ -250,6 +250,50 @@ async def test_several_sockets_and_a_late_joiner_see_everything(api: Any, jp_ws_
         ws.close()
 
 
+async def test_batch_sockets_get_bursts_as_arrays_and_the_same_events(api: Any, jp_ws_fetch: Any) -> None:
+    """``?batch=1`` (the sidebar's and the kernel's sockets): a burst is one array frame; the
+    events, their order and seqs are exactly what a plain socket of the same session gets."""
+    sid = (await start(api))["id"]
+    plain = await ws_connect(jp_ws_fetch, sid)
+    batched = await jp_ws_fetch("api", "acp", "sessions", sid, "ws", headers=auth("alice"),
+                                params={"batch": "1"})
+    await frames_until(plain, "history:end")
+    raw_frames: list[Any] = []
+
+    async def events_until(ws: WebSocketClientConnection, kind: str, keep: list[Any] | None = None
+                           ) -> list[Any]:
+        """The events up to the first of type ``kind`` (inclusive; an array may hold more)."""
+        events: list[dict[str, Any]] = []
+        while kind not in [e["type"] for e in events]:
+            data = json.loads(await asyncio.wait_for(ws.read_message(), 20))
+            if keep is not None:
+                keep.append(data)
+            events.extend(data if isinstance(data, list) else [data])
+        return events[:[e["type"] for e in events].index(kind) + 1]
+
+    assert (await events_until(batched, "history:end"))[0]["type"] == "hello"
+    plain.write_message(json.dumps({"type": "chat:message", "message": "/stream 300"}))
+    live_plain = await frames_until(plain, "chat:response")
+    live_batched = await events_until(batched, "chat:response", raw_frames)
+    assert live_batched == live_plain
+    seqs = [e["seq"] for e in live_plain]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # none lost, none twice
+    chunks = [e for e in live_plain if e["type"] == "session/update"
+              and e["data"]["sessionUpdate"] == "agent_message_chunk"]
+    assert len(chunks) == 300
+    arrays = [f for f in raw_frames if isinstance(f, list)]
+    assert arrays and all(len(f) > 1 for f in arrays)  # a lone event stays a plain object
+    assert len(raw_frames) < len(live_batched)
+    # the replay on connect comes as arrays too, then history:end
+    late = await jp_ws_fetch("api", "acp", "sessions", sid, "ws", headers=auth("alice"),
+                             params={"batch": "1"})
+    replayed = await events_until(late, "history:end", raw_frames)
+    assert isinstance(raw_frames[-2], list) and len(raw_frames[-2]) == len(replayed) - 2
+    assert [e["seq"] for e in replayed[1:-1]] == list(range(1, replayed[-1]["data"]["last_seq"] + 1))
+    for ws in (plain, batched, late):
+        ws.close()
+
+
 async def test_websocket_bad_frames_get_an_error_and_the_socket_stays(api: Any, jp_ws_fetch: Any) -> None:
     sid = (await start(api))["id"]
     ws = await ws_connect(jp_ws_fetch, sid)

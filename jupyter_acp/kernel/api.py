@@ -18,6 +18,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ class AcpApi:
         if since is None:
             since = self.session(session_id)["last_seq"]
         base = "ws" + self.server.url[len("http"):]
-        url = f"{base}api/acp/sessions/{_quote(session_id)}/ws?since={since}"
+        url = f"{base}api/acp/sessions/{_quote(session_id)}/ws?since={since}&batch=1"
         headers = {"Authorization": f"token {self.server.token}"} if self.server.token else {}
         try:
             ws = connect(url, additional_headers=headers, open_timeout=30, max_size=None)
@@ -157,9 +158,10 @@ class AcpApi:
             status = e.response.status_code
             raise AcpApiError(_message(e.response.body or b"", status), status) from None
         with ws:
-            while json.loads(ws.recv())["type"] != "history:end":
+            frames = Frames(ws)
+            while frames.recv()["type"] != "history:end":
                 pass
-            yield ws
+            yield frames
 
     def stream(self, session_id: str, text: str, on_event: Callable[[dict[str, Any]], None],
                on_interrupt: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -174,7 +176,7 @@ class AcpApi:
             result: dict[str, Any] | None = None
             while True:
                 try:
-                    frame = json.loads(ws.recv(timeout=None if result is None else 2))
+                    frame = ws.recv(timeout=None if result is None else 2)
                 except KeyboardInterrupt:
                     ws.send(json.dumps({"type": "cancel"}))
                     if on_interrupt is not None:
@@ -193,6 +195,24 @@ class AcpApi:
                 elif kind == "error" and result is not None:  # why the turn failed
                     result = {**result, "error": frame["data"]["message"]}
                     return result
+
+
+class Frames:
+    """One event at a time from a ``?batch=1`` socket, whose frames hold one event (an object)
+    or a burst of them (an array, in order)."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self._queue: deque[dict[str, Any]] = deque()
+
+    def recv(self, timeout: float | None = None) -> dict[str, Any]:
+        while not self._queue:
+            data = json.loads(self.ws.recv(timeout=timeout))
+            self._queue.extend(data if isinstance(data, list) else [data])
+        return self._queue.popleft()
+
+    def send(self, text: str) -> None:
+        self.ws.send(text)
 
 
 def _quote(part: str) -> str:

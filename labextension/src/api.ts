@@ -138,7 +138,7 @@ export class AcpApi {
   socketUrl(id: string, since: number): string {
     const wsBase = this.settings.wsUrl;
     let url = URLExt.join(wsBase, 'api/acp/sessions', encodeURIComponent(id), 'ws');
-    const query: string[] = [];
+    const query: string[] = ['batch=1'];
     if (since > 0) {
       query.push(`since=${since}`);
     }

@@ -115,7 +115,11 @@ export class SessionConnection {
     };
     socket.onmessage = msg => {
       try {
-        this.apply(JSON.parse(String(msg.data)) as Frame);
+        // ?batch=1: a burst of events arrives as one frame, an array in order
+        const data = JSON.parse(String(msg.data)) as Frame | Frame[];
+        for (const frame of Array.isArray(data) ? data : [data]) {
+          this.apply(frame);
+        }
       } catch (e) {
         console.error('jupyter-acp: bad frame', e);
       }
