@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import acp
-from harness import direct_demo, events, jupyter_server, median, pct, profiled, rest, table
+from harness import cpu_seconds, direct_demo, events, jupyter_server, median, pct, profiled, rest, table
 from websockets.asyncio.client import connect
 
 PROMPT = "hello relay benchmark"
@@ -54,11 +54,14 @@ class TimingClient:
         pass
 
 
-async def direct(turns: int, warmup: int, workdir: Path) -> tuple[list[float], list[float], str]:
+async def direct(turns: int, warmup: int, workdir: Path) -> tuple[list[float], list[float], str, dict]:
     client = TimingClient()
+    cpu: dict[str, float] = {}
     async with direct_demo(client, workdir) as (conn, sid):
         firsts, ends = [], []
         for i in range(warmup + turns):
+            if i == warmup:
+                cpu["client"] = time.process_time()
             client.first, client.chunks = None, []
             t0 = time.perf_counter()
             await conn.prompt(session_id=sid, prompt=[acp.text_block(PROMPT)])
@@ -66,11 +69,12 @@ async def direct(turns: int, warmup: int, workdir: Path) -> tuple[list[float], l
             if i >= warmup:
                 firsts.append(client.first - t0)
                 ends.append(t1 - t0)
-        return firsts, ends, "".join(client.chunks)
+        cpu["client"] = (time.process_time() - cpu["client"]) / turns
+        return firsts, ends, "".join(client.chunks), cpu
 
 
 async def through_server(server: dict, turns: int, warmup: int, batch: bool
-                         ) -> tuple[list[float], list[float], str]:
+                         ) -> tuple[list[float], list[float], str, dict]:
     session = await asyncio.to_thread(rest, server, "POST", "sessions", 0, {"new": True})
     # ?batch=1 is how the sidebar and the kernel open it; without, one frame per event
     url = f"{server['ws']}api/acp/sessions/{session['id']}/ws?batch={int(batch)}"
@@ -80,7 +84,10 @@ async def through_server(server: dict, turns: int, warmup: int, batch: bool
         stream = events(ws)
         while (await anext(stream))["type"] != "history:end":
             pass
+        cpu: dict[str, float] = {}
         for i in range(warmup + turns):
+            if i == warmup:
+                cpu = {"client": time.process_time(), "server": cpu_seconds(server["pid"])}
             first = None
             t0 = time.perf_counter()
             await ws.send(json.dumps({"type": "chat:message", "message": PROMPT}))
@@ -98,12 +105,15 @@ async def through_server(server: dict, turns: int, warmup: int, batch: bool
             if i >= warmup:
                 firsts.append(first - t0)
                 ends.append(t1 - t0)
-    return firsts, ends, text
+        cpu = {"client": (time.process_time() - cpu["client"]) / turns,
+               "server": (cpu_seconds(server["pid"]) - cpu["server"]) / turns}
+    return firsts, ends, text, cpu
 
 
-def row(name: str, firsts: list[float], ends: list[float], base: tuple[list[float], list[float]] | None
-        ) -> list[str]:
+def row(name: str, firsts: list[float], ends: list[float], cpu: dict,
+        base: tuple[list[float], list[float]] | None) -> list[str]:
     ms = [f"{v * 1000:.2f}" for v in (median(firsts), pct(firsts, 0.95), median(ends), pct(ends, 0.95))]
+    ms += [f"{cpu['client'] * 1000:.2f}", f"{cpu['server'] * 1000:.2f}" if "server" in cpu else "-"]
     if base is None:
         return [name, *ms, "1.00x", "1.00x"]
     return [name, *ms, f"{median(firsts) / median(base[0]):.2f}x", f"{median(ends) / median(base[1]):.2f}x"]
@@ -116,21 +126,22 @@ async def main() -> None:
     parser.add_argument("--profile", default="", help="write a cProfile of the server to this file")
     args = parser.parse_args()
 
-    d_first, d_end, d_text = await direct(args.turns, args.warmup,
+    d_first, d_end, d_text, d_cpu = await direct(args.turns, args.warmup,
                                           Path(tempfile.mkdtemp(prefix="acp-bench-direct-")))
     with jupyter_server("local", python=profiled(args.profile)) as server:
-        s_first, s_end, s_text = await through_server(server, args.turns, args.warmup, True)
-        o_first, o_end, o_text = await through_server(server, args.turns, args.warmup, False)
+        s_first, s_end, s_text, s_cpu = await through_server(server, args.turns, args.warmup, True)
+        o_first, o_end, o_text, o_cpu = await through_server(server, args.turns, args.warmup, False)
     # the same reply every way (a sanity check, not a timing)
     assert d_text == s_text == o_text, (d_text, s_text, o_text)
 
     print(f"Relay overhead: one prompt turn of the demo agent ({PROMPT!r}, {len(d_text.split())} chunks), "
           f"{args.turns} turns after {args.warmup} warm-up, ms")
-    print(table([["path", "1st chunk p50", "1st chunk p95", "end p50", "end p95", "1st vs direct",
+    print(table([["path", "1st chunk p50", "1st chunk p95", "end p50", "end p95",
+                  "client CPU/turn", "server CPU/turn", "1st vs direct",
                   "end vs direct"],
-                 row("direct (SDK, stdio)", d_first, d_end, None),
-                 row("server (WebSocket, ?batch=1)", s_first, s_end, (d_first, d_end)),
-                 row("server (WebSocket, a frame/event)", o_first, o_end, (d_first, d_end))]))
+                 row("direct (SDK, stdio)", d_first, d_end, d_cpu, None),
+                 row("server (WebSocket, ?batch=1)", s_first, s_end, s_cpu, (d_first, d_end)),
+                 row("server (WebSocket, a frame/event)", o_first, o_end, o_cpu, (d_first, d_end))]))
     cost = (median(s_end) - median(d_end)) * 1000
     print(f"relay cost per turn (end p50 difference, ?batch=1): {cost:.2f} ms")
 

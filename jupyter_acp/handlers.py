@@ -32,22 +32,7 @@ AUTH_RESOURCE = "acp"
 REPLAY_BATCH = 500
 SESSION_ID = r"(?P<session_id>[^/]+)"
 
-#: Event names on the wire (docs/api.md) for the session's internal event types.
-WIRE_TYPES = {
-    "session_update": "session/update",
-    "user_message": "chat:message",
-    "permission_request": "permission:request",
-    "permission_resolved": "permission:resolved",
-    "turn_end": "chat:response",
-    "cancel_requested": "cancel",
-}
-
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-
-def public_event(event: dict[str, Any]) -> dict[str, Any]:
-    """A session event as the API shows it (same dict, wire type name)."""
-    return {**event, "type": WIRE_TYPES.get(event["type"], event["type"])}
 
 
 def acp_errors(method: F) -> F:
@@ -258,8 +243,9 @@ class HistoryHandler(AcpHandler):
     async def get(self, session_id: str) -> None:
         session = self.user_session(session_id)
         since = _since(self.get_argument("since", None))
-        events = [public_event(e) for e in session.history if e["seq"] > since]
-        self.write_json({"events": events, "last_seq": session.last_seq})
+        # the events' JSON is kept as sent: splice it in rather than parse and re-encode it
+        self.set_header("Content-Type", "application/json")
+        self.finish(f'{{"events": [{",".join(session.payloads(since))}], "last_seq": {session.last_seq}}}')
 
 
 def _since(value: str | None) -> int:
@@ -407,13 +393,13 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
         fanout.flush()
         # one synchronous block: no event can slip between the replay and the subscription
         self.send({"type": "hello", "data": self.session_model(session)})
-        replay = [public_event(event) for event in list(session.history) if event["seq"] > since]
+        replay = session.payloads(since)
         if self.batch:
             for start in range(0, len(replay), REPLAY_BATCH):
-                self.send_payload(json.dumps(replay[start:start + REPLAY_BATCH], default=str))
+                self.send_payload(_array(replay[start:start + REPLAY_BATCH]))
         else:
-            for event in replay:
-                self.send_payload(json.dumps(event, default=str))
+            for payload in replay:
+                self.send_payload(payload)
         self.send({"type": "history:end", "data": {"last_seq": session.last_seq}})
         fanout.add(self)
         self._fanout = fanout
@@ -520,29 +506,27 @@ class Fanout:
 
     def __init__(self, session: AgentSession, on_empty: Callable[[], None]) -> None:
         self.sockets: list[SessionSocket] = []
+        self.session = session
         self._on_empty = on_empty
-        self._pending: list[dict[str, Any]] = []
-        self._unsubscribe = session.subscribe(self._event, replay=False)
+        self._pending: list[str] = []
+        self._unsubscribe = session.subscribe(self._event)
 
     def _event(self, event: dict[str, Any]) -> None:
-        self._pending.append(public_event(event))
+        self._pending.append(self.session.payload(event["seq"]))  # (serialized by the session)
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         """Send the pending events to every socket (a no-op when none are pending)."""
-        events, self._pending = self._pending, []
-        if not events:
+        payloads, self._pending = self._pending, []
+        if not payloads:
             return
-        one: list[str] | None = None  # a frame per event, for sockets without ?batch=1
-        batched: str | None = None
+        batched = _array(payloads) if len(payloads) > 1 else None
         for socket in list(self.sockets):
-            if socket.batch and len(events) > 1:
-                batched = batched or json.dumps(events, default=str)
+            if socket.batch and batched is not None:
                 socket.send_payload(batched)
                 continue
-            one = one or [json.dumps(event, default=str) for event in events]
-            for payload in one:
+            for payload in payloads:
                 socket.send_payload(payload)
 
     def add(self, socket: SessionSocket) -> None:
@@ -555,6 +539,11 @@ class Fanout:
             self._pending = []  # (in the history: a socket that comes back replays them)
             self._unsubscribe()
             self._on_empty()
+
+
+def _array(payloads: list[str]) -> str:
+    """A JSON array of JSON texts, without parsing them."""
+    return f"[{','.join(payloads)}]"
 
 
 def handlers() -> list[tuple[str, type]]:

@@ -9,7 +9,10 @@ State machine::
 
 Everything that happens is an *event* with a sequence number, kept in a bounded history and
 fanned out to subscribers (WebSockets, widgets). A subscriber that joins late reads the history
-first, so a reconnecting UI loses nothing. Prompt turns are not cut by a fixed timeout: they
+first, so a reconnecting UI loses nothing. The history holds each event as its JSON text, as the
+API sends it (``wire_json``): serialized once, sent as is, and invisible to the garbage
+collector — 200 sessions of dict-tree histories made its full collections take 0.25-0.6 s,
+which stalled every session at once (bench/scale.py). Prompt turns are not cut by a fixed timeout: they
 stream until the agent ends them, the user cancels, or the agent dies.
 """
 
@@ -19,6 +22,8 @@ import asyncio
 import collections
 import contextlib
 import enum
+import itertools
+import json
 import logging
 import time
 import uuid
@@ -95,6 +100,27 @@ class PendingPermission:
                 "options": [_dump(o) for o in self.options]}
 
 
+#: Event names on the wire (docs/api.md) for the session's internal event types.
+WIRE_TYPES = {
+    "session_update": "session/update",
+    "user_message": "chat:message",
+    "permission_request": "permission:request",
+    "permission_resolved": "permission:resolved",
+    "turn_end": "chat:response",
+    "cancel_requested": "cancel",
+}
+
+
+def public_event(event: dict[str, Any]) -> dict[str, Any]:
+    """A session event as the API shows it (same dict, wire type name)."""
+    return {**event, "type": WIRE_TYPES.get(event["type"], event["type"])}
+
+
+def wire_json(event: dict[str, Any]) -> str:
+    """The JSON text of an event as the API sends it."""
+    return json.dumps(public_event(event), default=str)
+
+
 def _dump(model: Any) -> dict[str, Any]:
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
@@ -141,7 +167,8 @@ class AgentSession:
         #: ledger itself, so the agent's own usage reports are shown but never recorded.
         self.metered_by_gateway = False
         self._gateway_turn = TurnUsage(source="gateway")
-        self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.options.max_history)
+        #: the latest ``max_history`` events, as their wire JSON text (``payloads``, ``events``)
+        self._log: collections.deque[str] = collections.deque(maxlen=self.options.max_history)
         self.pending: dict[str, PendingPermission] = {}
         self._seq = 0
         self._subscribers: list[Subscriber] = []
@@ -158,11 +185,25 @@ class AgentSession:
         """The sequence number of the latest event (0 before the first)."""
         return self._seq
 
-    def subscribe(self, callback: Subscriber, *, replay: bool = True) -> Callable[[], None]:
-        """Receive every event from now on (and the history first when ``replay``)."""
-        if replay:
-            for event in list(self.history):
-                callback(event)
+    def payloads(self, since: int = 0) -> list[str]:
+        """The JSON text (as sent on the wire) of each kept event with ``seq > since``, in order."""
+        first = self._seq - len(self._log) + 1  # the seqs in the history are consecutive
+        return list(itertools.islice(self._log, max(0, since + 1 - first), None))
+
+    def payload(self, seq: int) -> str:
+        """The JSON text of one kept event (``IndexError`` if it left the history)."""
+        index = len(self._log) - 1 - (self._seq - seq)
+        if index < 0:
+            raise IndexError(seq)
+        return self._log[index]
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """The kept events with ``seq > since``, as the API shows them (wire type names)."""
+        return [json.loads(p) for p in self.payloads(since)]
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Receive every event from now on (an event dict, internal type name); the history
+        (``payloads``/``events``) holds what came before."""
         self._subscribers.append(callback)
 
         def unsubscribe() -> None:
@@ -174,7 +215,7 @@ class AgentSession:
     def _emit(self, type_: str, data: dict[str, Any]) -> dict[str, Any]:
         self._seq += 1
         event = {"seq": self._seq, "type": type_, "time": time.time(), "data": data}
-        self.history.append(event)
+        self._log.append(wire_json(event))
         for callback in list(self._subscribers):
             try:
                 callback(event)

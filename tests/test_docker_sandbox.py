@@ -560,7 +560,7 @@ async def test_manager_session_in_docker(acp_managers: Any, acp_workspace_root: 
     labels = api.inspect_container(sandbox.container_id)["Config"]["Labels"]
     assert labels["jupyter-acp.user"] == "alice" and labels["jupyter-acp.session"] == session.id
     events: list[dict[str, Any]] = []
-    session.subscribe(events.append, replay=False)
+    session.subscribe(events.append)
 
     result = await manager.send_message("alice", session.id, "hello from a container")
     assert result.text == "Demo agent (no LLM) heard 4 words: hello from a container"

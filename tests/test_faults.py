@@ -44,7 +44,7 @@ async def test_a_line_over_the_limit_is_dropped_and_reported(manager):
     session = await manager.create_user_session("alice", "huge")
     result = await asyncio.wait_for(manager.send_message("alice", session.id, "go"), 60)
     assert result.text == "Demo agent (no LLM) heard 1 words: go"  # the session went on
-    errors = [e["data"]["message"] for e in session.history if e["type"] == "error"]
+    errors = [e["data"]["message"] for e in session.events() if e["type"] == "error"]
     assert errors == ["The agent sent a message larger than 50 MiB; it was dropped (protocol error)"]
     assert session.state is SessionState.READY
 
@@ -57,7 +57,7 @@ async def test_a_flood_is_delivered_in_order_without_loss(manager):
         if event["type"] == "session_update" and event["data"].get("sessionUpdate") == "agent_message_chunk":
             seen.append(event["seq"])
 
-    session.subscribe(collect, replay=False)
+    session.subscribe(collect)
     result = await asyncio.wait_for(manager.send_message("alice", session.id, "flood me"), 120)
     assert result.stop_reason == "end_turn"
     reply = "Demo agent (no LLM) heard 2 words: flood me"

@@ -39,7 +39,7 @@ async def test_hundred_sessions_lose_nothing_and_leak_nothing(acp_managers):
                                       for i in range(SESSIONS)))
     received: dict[str, list[dict]] = {s.id: [] for s in sessions}
     for session in sessions:
-        session.subscribe(received[session.id].append, replay=False)
+        session.subscribe(received[session.id].append)
 
     async def work(session) -> None:
         first = await manager.send_message(session.user, session.id, f"/stream {STREAM}")

@@ -52,7 +52,7 @@ async def test_stream_arrives_in_order_and_usage_is_exact(manager, backend, acp_
     assert session.state is SessionState.READY
     assert session.sandbox.kind == backend
     events: list[dict] = []
-    session.subscribe(events.append, replay=False)
+    session.subscribe(events.append)
 
     result = await manager.send_message("alice", session.id, "please say hello world")
 
@@ -84,7 +84,7 @@ async def test_stream_arrives_in_order_and_usage_is_exact(manager, backend, acp_
 async def test_write_tool_call_with_permission_approved(manager, acp_workspace_root):
     session = await manager.create_user_session("alice", "demo")
     events: list[dict] = []
-    session.subscribe(events.append, replay=False)
+    session.subscribe(events.append)
     approve = asyncio.create_task(answer_next_permission(session, "allow"))
 
     result = await manager.send_message("alice", session.id, "/write notes/hello.txt hi from the agent")
@@ -132,7 +132,7 @@ async def test_permission_policy_and_timeout(acp_managers, acp_workspace_root):
     s = await asking.create_user_session("carol", "demo")
     result = await asking.send_message("carol", s.id, "/write c.txt late")
     assert result.text.startswith("Permission denied")  # nobody answered: rejected on timeout
-    assert [e["data"]["by"] for e in s.history if e["type"] == "permission_resolved"] == ["timeout"]
+    assert [e["data"]["by"] for e in s.events() if e["type"] == "permission:resolved"] == ["timeout"]
     assert (acp_workspace_root / "a.txt").exists() and not (acp_workspace_root / "b.txt").exists()
 
 
@@ -162,7 +162,7 @@ async def test_plan_modes_and_read(manager, acp_workspace_root):
     (acp_workspace_root / "in.txt").write_text("content of in")
     session = await manager.create_user_session("alice", "demo")
     events: list[dict] = []
-    session.subscribe(events.append, replay=False)
+    session.subscribe(events.append)
     await manager.send_message("alice", session.id, "/plan")
     plan = next(e["data"] for e in events if e["data"].get("sessionUpdate") == "plan")
     assert [p["content"] for p in plan["entries"]] == ["Step 1", "Step 2", "Step 3"]

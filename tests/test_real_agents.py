@@ -129,7 +129,7 @@ async def run_agent_session(acp_managers, fake: FakeLLM, backend: str, agent: st
     assert session.state is SessionState.READY and session.sandbox.kind == backend
     assert session.metered_by_gateway and REAL_KEY not in str(session.sandbox_spec.env)
     events: list[dict] = []
-    session.subscribe(events.append, replay=False)
+    session.subscribe(events.append)
 
     # 1. a streamed reply
     result = await manager.send_message("alice", session.id, "hello there agent")

@@ -511,3 +511,6 @@ async def test_a_client_too_slow_to_read_is_dropped_and_resumes_without_loss(
     # the history keeps the latest max_history events, all of them in order
     assert seqs == list(range(session.last_seq - len(seqs) + 1, session.last_seq + 1))
     assert len(seqs) == min(session.last_seq, session.options.max_history)
+    # and the REST history counts from the same seqs once older events have left it
+    status, later = await api("GET", f"sessions/{sid}/history", params={"since": str(session.last_seq - 3)})
+    assert status == 200 and [e["seq"] for e in later["events"]] == [session.last_seq - k for k in (2, 1, 0)]
