@@ -28,7 +28,7 @@ import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import children, cpu_seconds, events, jupyter_server, median, pct, rest, rss_kb, table
+from harness import children, cpu_seconds, events, jupyter_server, median, pct, profiled, rest, rss_kb, table
 from websockets.asyncio.client import connect
 
 PROMPT = "hello scale benchmark"
@@ -106,6 +106,7 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="load time per level")
     parser.add_argument("--think", type=float, default=1.0, help="seconds between a user's prompts")
     parser.add_argument("--sandbox", default="local", choices=["local", "bubblewrap"])
+    parser.add_argument("--profile", default="", help="write a cProfile of the server to this file")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="an extra option of the server (repeatable), e.g. --UsageLedger.db_url=...")
     args = parser.parse_args()
@@ -120,7 +121,7 @@ async def main() -> None:
              "CPU% server", "CPU% agents", "CPU% clients"]]
     with jupyter_server(args.sandbox, extra=["--UserSessionManager.init_timeout=300",
                                              "--UserSessionManager.monitor_interval=0",
-                                             *args.server_arg]) as server:
+                                             *args.server_arg], python=profiled(args.profile)) as server:
         pid = server["pid"]
         # warm the server (imports, the ledger, a first agent) so that the baseline is fair
         warm = rest(server, "POST", "sessions", 10_000, {"new": True})

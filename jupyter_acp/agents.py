@@ -291,16 +291,33 @@ class AgentConfigManager(LoggingConfigurable):
     def _default_extra_paths(self) -> list[str]:
         return []
 
+    _plugins: list[tuple[str, Any]] | None = None
+
+    def _plugin_agents(self) -> list[tuple[str, Any]]:
+        """The ``jupyter_acp.agents`` entry points, loaded once: (where, spec or factory).
+
+        Finding them reads the metadata of every installed distribution, ~20-50 ms on the
+        server's event loop, which used to happen for every new session and agent listing and
+        stalled every session's stream meanwhile (bench/scale.py). Like a server extension, an
+        agent plugin installed later is seen after a restart."""
+        if self._plugins is None:
+            self._plugins = []
+            for ep in entry_points(group="jupyter_acp.agents"):
+                try:
+                    self._plugins.append((ep.value, ep.load()))
+                except Exception as e:  # a broken plugin must not take the server down
+                    self.log.warning("Ignoring agent entry point %s: %s", ep.name, e)
+        return self._plugins
+
     def _specs(self) -> dict[str, AgentSpec]:
         specs: dict[str, AgentSpec] = {s.name: s for s in builtin_specs()}
-        for ep in entry_points(group="jupyter_acp.agents"):
+        for where, obj in self._plugin_agents():
             try:
-                obj = ep.load()
                 spec = obj() if callable(obj) else obj
-                spec.source = f"entry point {ep.value}"
+                spec.source = f"entry point {where}"
                 specs[spec.name] = spec
-            except Exception as e:  # a broken plugin must not take the server down
-                self.log.warning("Ignoring agent entry point %s: %s", ep.name, e)
+            except Exception as e:
+                self.log.warning("Ignoring agent entry point %s: %s", where, e)
         for name, data in self.agents.items():
             specs[name] = AgentSpec.from_dict(name, dict(data))
         for name in self.disabled_agents:

@@ -47,6 +47,20 @@ def test_demo_is_labelled_and_comes_from_the_entry_point(no_real_agents):
     assert AgentConfigManager().get(None).name == "demo"  # the only available agent
 
 
+def test_entry_points_are_read_once_per_server(no_real_agents, monkeypatch):
+    """Reading every distribution's metadata took ~20-50 ms of the event loop per new session."""
+    import jupyter_acp.agents as agents
+
+    scans = []
+    real = agents.entry_points
+    monkeypatch.setattr(agents, "entry_points", lambda **kw: scans.append(kw) or real(**kw))
+    acm = AgentConfigManager()
+    for _ in range(3):
+        assert acm.get("demo").source.startswith("entry point jupyter_acp.agents_builtin")
+        assert "demo" in {spec.name for spec, _, _ in acm.list_agents()}
+    assert scans == [{"group": "jupyter_acp.agents"}]
+
+
 def test_admin_adds_an_agent_with_no_code(no_real_agents, tmp_path):
     exe = fake_executable(tmp_path / "bin", "my-agent")
     acm = AgentConfigManager(agents={"mine": {"command": [str(exe), "--stdio"], "display_name": "Mine",
