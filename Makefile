@@ -14,7 +14,7 @@ DOCKER_ENV := .docker-env
 PYTEST_ARGS ?=
 JUPYTER_ARGS ?=
 
-.PHONY: run test bench lint venv system-deps docker agents jstest clean
+.PHONY: run test bench lint venv labext system-deps docker agents jstest clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,lab,docker]'
 	@rm -f $(VENV)/.installed-* && touch $@
+
+# The built JupyterLab extension, rebuilt when its sources change after the install (the
+# editable install builds it only once; a stale build would be what the browser test runs).
+LABEXT := jupyter_acp/labextension/package.json
+labext: $(LABEXT)
+
+$(LABEXT): $(wildcard labextension/src/*.ts labextension/style/*) labextension/package.json | $(STAMP)
+	cd labextension && PATH="$(abspath $(BIN)):$$PATH" jlpm install >/dev/null && PATH="$(abspath $(BIN)):$$PATH" jlpm build
+	@touch $@
 
 # System packages the tests need. Installed when missing and we are root (CI, fresh machines);
 # otherwise the sandbox tests say what is missing (and fail in CI, see .ci/run).
@@ -63,7 +72,7 @@ jstest: venv
 lint: venv
 	$(BIN)/ruff check jupyter_acp tests bench
 
-test: venv system-deps docker agents lint jstest
+test: venv labext system-deps docker agents lint jstest
 	@if [ -f $(DOCKER_ENV) ]; then . ./$(DOCKER_ENV); fi; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -72,7 +81,7 @@ bench: venv system-deps docker
 	for b in sandbox_start relay fanout scale; do echo "== bench/$$b.py"; \
 	  $(BIN)/python bench/$$b.py || exit 1; done
 
-run: venv
+run: venv labext
 	@echo "Starting JupyterLab with jupyter-acp (open the URL below; the demo agent needs no setup)"
 	$(BIN)/jupyter lab $$( [ "$$(id -u)" = 0 ] && echo --allow-root ) $(JUPYTER_ARGS)
 
