@@ -169,6 +169,7 @@ class AgentSession:
         self._gateway_turn = TurnUsage(source="gateway")
         #: the latest ``max_history`` events, as their wire JSON text (``payloads``, ``events``)
         self._log: collections.deque[str] = collections.deque(maxlen=self.options.max_history)
+        self._last_payload = ""
         self.pending: dict[str, PendingPermission] = {}
         self._seq = 0
         self._subscribers: list[Subscriber] = []
@@ -191,7 +192,10 @@ class AgentSession:
         return list(itertools.islice(self._log, max(0, since + 1 - first), None))
 
     def payload(self, seq: int) -> str:
-        """The JSON text of one kept event (``IndexError`` if it left the history)."""
+        """The JSON text of one kept event, or of the latest even when ``max_history`` is 0
+        (``IndexError`` if it left the history)."""
+        if seq == self._seq:
+            return self._last_payload
         index = len(self._log) - 1 - (self._seq - seq)
         if index < 0:
             raise IndexError(seq)
@@ -215,7 +219,8 @@ class AgentSession:
     def _emit(self, type_: str, data: dict[str, Any]) -> dict[str, Any]:
         self._seq += 1
         event = {"seq": self._seq, "type": type_, "time": time.time(), "data": data}
-        self._log.append(wire_json(event))
+        self._last_payload = wire_json(event)
+        self._log.append(self._last_payload)
         for callback in list(self._subscribers):
             try:
                 callback(event)

@@ -294,6 +294,20 @@ async def test_batch_sockets_get_bursts_as_arrays_and_the_same_events(api: Any, 
         ws.close()
 
 
+async def test_without_a_history_events_still_stream_live(api: Any, jp_ws_fetch: Any, jp_serverapp: Any
+                                                         ) -> None:
+    jp_serverapp.web_app.settings["acp_manager"].max_history = 0
+    sid = (await start(api))["id"]
+    ws = await ws_connect(jp_ws_fetch, sid)
+    assert [f["type"] for f in await frames_until(ws, "history:end")] == ["hello", "history:end"]
+    ws.write_message(json.dumps({"type": "chat:message", "message": "/stream 5"}))
+    turn = await frames_until(ws, "chat:response")
+    assert turn[-1]["data"]["text"] == "c0 c1 c2 c3 c4 "
+    status, history = await api("GET", f"sessions/{sid}/history")
+    assert status == 200 and history["events"] == [] and history["last_seq"] >= turn[-1]["seq"]
+    ws.close()
+
+
 async def test_websocket_bad_frames_get_an_error_and_the_socket_stays(api: Any, jp_ws_fetch: Any) -> None:
     sid = (await start(api))["id"]
     ws = await ws_connect(jp_ws_fetch, sid)
