@@ -117,7 +117,7 @@ class AcpExtension(ExtensionApp):
     gc_freeze = Bool(
         True,
         help="""Once the server has started, move every object it holds (the modules of
-        jupyter-server, its extensions, the ACP schema: ~10^6 objects) out of reach of Python's
+        jupyter-server, its extensions, the ACP schema: ~250,000 objects) out of reach of Python's
         cyclic garbage collector (``gc.freeze()``). They live as long as the server anyway, and
         every full collection walked them all: 0.25-0.6 s during which no session streamed
         anything (bench/scale.py, 200 users). Objects created later are collected as usual.""",

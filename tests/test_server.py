@@ -483,6 +483,21 @@ async def test_audit_events_and_activity(api: Any, jp_serverapp: Any) -> None:
     assert events[0][1]["user"] == "alice" and events[0][1]["sandbox"] == "local"
 
 
+async def test_the_started_server_is_frozen_out_of_the_collector_unless_configured_not(
+        jp_serverapp: Any) -> None:
+    import gc
+
+    extension = next(iter(jp_serverapp.extension_manager.extension_apps["jupyter_acp"]))
+    assert extension.gc_freeze is True  # the default
+    gc.unfreeze()
+    extension.gc_freeze = False
+    await extension._start_jupyter_server_extension(jp_serverapp)
+    assert gc.get_freeze_count() == 0
+    extension.gc_freeze = True
+    await extension._start_jupyter_server_extension(jp_serverapp)
+    assert gc.get_freeze_count() > 10_000  # the server's modules, at least
+
+
 async def test_stopping_the_extension_stops_every_agent(api: Any, jp_serverapp: Any) -> None:
     sessions = [await start(api), await start(api, user="bob")]
     manager = jp_serverapp.web_app.settings["acp_manager"]
