@@ -12,8 +12,10 @@ fanned out to subscribers (WebSockets, widgets). A subscriber that joins late re
 first, so a reconnecting UI loses nothing. The history holds each event as its JSON text, as the
 API sends it (``wire_json``): serialized once, sent as is, and invisible to the garbage
 collector — 200 sessions of dict-tree histories made its full collections take 0.25-0.6 s,
-which stalled every session at once (bench/scale.py). Prompt turns are not cut by a fixed timeout: they
-stream until the agent ends them, the user cancels, or the agent dies.
+which stalled every session at once (bench/scale.py).
+
+Prompt turns are not cut by a fixed timeout: they stream until the agent ends them, the user
+cancels, or the agent dies.
 """
 
 from __future__ import annotations
