@@ -127,7 +127,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     d_first, d_end, d_text, d_cpu = await direct(args.turns, args.warmup,
-                                          Path(tempfile.mkdtemp(prefix="acp-bench-direct-")))
+                                                 Path(tempfile.mkdtemp(prefix="acp-bench-direct-")))
     with jupyter_server("local", python=profiled(args.profile)) as server:
         s_first, s_end, s_text, s_cpu = await through_server(server, args.turns, args.warmup, True)
         o_first, o_end, o_text, o_cpu = await through_server(server, args.turns, args.warmup, False)

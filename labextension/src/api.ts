@@ -137,7 +137,8 @@ export class AcpApi {
   /** The session socket's URL; `since` replays only the events after it. */
   socketUrl(id: string, since: number): string {
     const wsBase = this.settings.wsUrl;
-    let url = URLExt.join(wsBase, 'api/acp/sessions', encodeURIComponent(id), 'ws');
+    const url = URLExt.join(wsBase, 'api/acp/sessions', encodeURIComponent(id), 'ws');
+    // batch=1: a burst of events comes as one frame, an array (connection.ts unpacks it)
     const query: string[] = ['batch=1'];
     if (since > 0) {
       query.push(`since=${since}`);
@@ -145,9 +146,6 @@ export class AcpApi {
     if (this.settings.token) {
       query.push(`token=${encodeURIComponent(this.settings.token)}`);
     }
-    if (query.length) {
-      url += `?${query.join('&')}`;
-    }
-    return url;
+    return `${url}?${query.join('&')}`;
   }
 }
