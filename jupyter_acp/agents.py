@@ -13,10 +13,12 @@ available agent offering every requested capability.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,33 @@ from .errors import AgentNotFound, AgentUnavailable
 
 #: Credential fields a user (or admin) may supply; the seed design's ``UserCredentials``.
 CREDENTIAL_FIELDS = ("type", "api_key", "base_url", "model", "access_token", "refresh_token")
+
+#: How permissive an agent's mode (ACP ``session/set_mode``) is, on one scale for every agent:
+#: 0 changes nothing (plan, read-only); 1 asks before edits and commands; 2 edits without asking
+#: (commands still ask); 3 runs commands without asking when a classifier deems them safe;
+#: 4 does everything without asking. An admin's permission policy allows modes up to its level.
+MODE_LEVEL_NAMES = {0: "read-only", 1: "asks before edits and commands", 2: "edits without asking",
+                    3: "runs commands a classifier approves", 4: "does everything without asking"}
+POLICY_LEVELS = {"deny": 0, "ask": 1, "allow": 2}
+
+#: Levels of mode ids several agents share, for agents whose spec declares no ``mode_levels``
+#: (e.g. one an admin added). A mode known neither here nor to its spec is never allowed unless
+#: the admin lists it in ``c.UserSessionManager.allowed_modes``.
+WELL_KNOWN_MODE_LEVELS = {
+    "plan": 0, "read-only": 0, "default": 1, "ask": 1, "auto-edit": 2, "autoEdit": 2,
+    "auto_edit": 2, "acceptEdits": 2, "yolo": 4, "bypassPermissions": 4, "full-access": 4,
+}
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested dicts key by key (neither is changed)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 @dataclass
@@ -61,6 +90,21 @@ class AgentSpec:
     settings_files: dict[str, Any] = field(default_factory=dict)
     """JSON files written into each session's private ``$HOME`` (path relative to it → content),
     e.g. settings that turn off telemetry, auto-update and hidden LLM calls."""
+    mode_levels: dict[str, int] = field(default_factory=dict)
+    """How permissive each ACP mode of the agent is (mode id → a level of ``MODE_LEVEL_NAMES``).
+    Ids not listed are judged by ``WELL_KNOWN_MODE_LEVELS``."""
+    policy_modes: dict[str, str] = field(default_factory=dict)
+    """The mode a session starts in under each permission policy (``ask``, ``allow``, ``deny``
+    → mode id). Unset: the agent's most permissive mode within the policy's level."""
+    mode_args: dict[str, list[str]] = field(default_factory=dict)
+    """Arguments appended to ``command`` to start the agent in a mode (mode id → argv)."""
+    mode_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Settings merged into ``settings_files`` to start the agent in a mode (mode id →
+    {file: content})."""
+    mode_announcement: str = ""
+    """A regular expression for a whole ``agent_message_chunk`` text by which the agent announces
+    a mode change of its own (group 1: the mode id), for agents that send no
+    ``current_mode_update`` (Gemini CLI 0.61: ``[MODE_UPDATE] autoEdit``)."""
     source: str = "config"
 
     def __post_init__(self) -> None:
@@ -75,6 +119,10 @@ class AgentSpec:
             raise ValueError(f"Agent {self.name!r}: unknown credential fields {sorted(unknown)}")
         if self.llm_api not in (None, "openai", "gemini", "anthropic"):
             raise ValueError(f"Agent {self.name!r}: llm_api must be openai, gemini or anthropic")
+        if set(self.policy_modes) - set(POLICY_LEVELS):
+            raise ValueError(f"Agent {self.name!r}: policy_modes keys must be among {sorted(POLICY_LEVELS)}")
+        if any(not isinstance(v, int) or v not in MODE_LEVEL_NAMES for v in self.mode_levels.values()):
+            raise ValueError(f"Agent {self.name!r}: mode_levels values must be 0 to 4")
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any], source: str = "config") -> AgentSpec:
@@ -117,6 +165,51 @@ class AgentSpec:
                 raise ValueError(f"Agent {self.name!r}: settings file {rel!r} lies outside $HOME")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(content, indent=2) + "\n")
+
+    # -- modes ---------------------------------------------------------------------------------
+    def mode_level(self, mode_id: str | None) -> int | None:
+        """How permissive a mode is (``MODE_LEVEL_NAMES``), or None when unknown."""
+        if mode_id is None:
+            return None
+        if mode_id in self.mode_levels:
+            return self.mode_levels[mode_id]
+        return WELL_KNOWN_MODE_LEVELS.get(mode_id)
+
+    def policy_mode(self, policy: str, available: list[str] | None = None) -> str | None:
+        """The mode a session starts in under ``policy``: the spec's ``policy_modes`` entry, else
+        (among ``available``) the most permissive known mode within the policy's level, else the
+        most restrictive one that still asks (the client applies the policy to every request).
+        None when no known mode fits."""
+        declared = self.policy_modes.get(policy)
+        if declared and (available is None or declared in available):
+            return declared
+        known = [(level, m) for m in available or [] if (level := self.mode_level(m)) is not None]
+        within = [(level, m) for level, m in known if level <= POLICY_LEVELS[policy]]
+        if within:
+            return max(within, key=lambda lm: lm[0])[1]
+        asking = [(level, m) for level, m in known if level <= 1]
+        return min(asking, key=lambda lm: lm[0])[1] if asking else None
+
+    def mode_permitted(self, mode_id: str, policy: str) -> bool:
+        """Whether ``policy`` alone (no admin list) lets a session be in ``mode_id``."""
+        level = self.mode_level(mode_id)
+        return level is not None and level <= POLICY_LEVELS[policy]
+
+    def announced_mode(self, text: str) -> str | None:
+        """The mode id a message chunk announces (``mode_announcement``), else None."""
+        if not self.mode_announcement or len(text) > 200:
+            return None
+        match = re.fullmatch(self.mode_announcement, text.strip())
+        return match.group(1) if match else None
+
+    def for_policy(self, policy: str) -> AgentSpec:
+        """A copy that starts in the policy's mode: ``mode_args`` and ``mode_settings`` applied."""
+        mode = self.policy_modes.get(policy)
+        if not mode:
+            return self
+        command = [*self.command, *self.mode_args.get(mode, [])] if self.command else []
+        settings = _merged(self.settings_files, self.mode_settings.get(mode, {}))
+        return replace(self, command=command, settings_files=settings)
 
     def runtime_ro_paths(self) -> list[str]:
         """``ro_paths`` plus what a node agent's executable needs inside a sandbox: its directory
@@ -179,6 +272,30 @@ GEMINI_SETTINGS = {
     "ide": {"enabled": False},
 }
 
+#: The ACP modes of each built-in agent, least permissive first, with their levels and how each
+#: is started (read from the agents' own code):
+#: Qwen Code 0.24: ``plan``, ``default``, ``auto-edit``, ``auto`` (an LLM classifier approves),
+#: ``yolo``; it starts in ``auto`` unless ``--approval-mode`` or ``tools.approvalMode`` says
+#: otherwise (and a settings reload without ``tools.approvalMode`` puts live sessions in ``auto``).
+QWEN_MODE_LEVELS = {"plan": 0, "default": 1, "auto-edit": 2, "auto": 3, "yolo": 4}
+#: Gemini CLI 0.61: ACP ids ``default``, ``autoEdit``, ``yolo``, ``plan``; ``--approval-mode``
+#: spells ``autoEdit`` as ``auto_edit``. It starts in ``default``. It switches itself to
+#: ``autoEdit`` when the user answers "allow always" to an edit, and (like any switch of its own)
+#: says so only in a message chunk ``[MODE_UPDATE] autoEdit``, never ``current_mode_update``.
+GEMINI_MODE_LEVELS = {"plan": 0, "default": 1, "autoEdit": 2, "yolo": 4}
+GEMINI_MODE_FLAGS = {"plan": "plan", "default": "default", "autoEdit": "auto_edit", "yolo": "yolo"}
+#: claude-agent-acp: ``auto`` (a classifier), ``default``, ``acceptEdits``, ``plan``, ``dontAsk``
+#: (denies what is not pre-approved), ``bypassPermissions``; it starts in the
+#: ``permissions.defaultMode`` of ``$CLAUDE_CONFIG_DIR/settings.json`` (``~/.claude``). Untested here.
+CLAUDE_MODE_LEVELS = {"plan": 0, "dontAsk": 1, "default": 1, "acceptEdits": 2, "auto": 3,
+                      "bypassPermissions": 4}
+#: codex-acp: ``read-only`` (asks before edits; commands run in a read-only sandbox), ``auto``
+#: (edits and runs commands in the workspace without asking), ``full-access``; the mode follows
+#: the ``approval_policy`` and ``sandbox_mode`` config (``-c`` overrides). Untested here.
+CODEX_MODE_LEVELS = {"read-only": 1, "auto": 2, "full-access": 4}
+CODEX_MODE_CONFIG = {"read-only": ("on-request", "read-only"), "auto": ("on-request", "workspace-write"),
+                     "full-access": ("never", "danger-full-access")}
+
 
 def builtin_specs() -> list[AgentSpec]:
     """Specs of well-known ACP agents. They are offered only if their executable is found."""
@@ -193,6 +310,11 @@ def builtin_specs() -> list[AgentSpec]:
             mem_limit=1024**3,
             llm_api="openai",
             settings_files={".qwen/settings.json": QWEN_SETTINGS},
+            mode_levels=dict(QWEN_MODE_LEVELS),
+            policy_modes={"ask": "default", "allow": "auto-edit", "deny": "plan"},
+            mode_args={m: ["--approval-mode", m] for m in QWEN_MODE_LEVELS},
+            mode_settings={m: {".qwen/settings.json": {"tools": {"approvalMode": m}}}
+                           for m in QWEN_MODE_LEVELS},
             source="builtin",
         ),
         AgentSpec(
@@ -208,6 +330,10 @@ def builtin_specs() -> list[AgentSpec]:
             llm_api="gemini",
             default_model="gemini-2.5-flash",
             settings_files={".gemini/settings.json": GEMINI_SETTINGS},
+            mode_levels=dict(GEMINI_MODE_LEVELS),
+            policy_modes={"ask": "default", "allow": "autoEdit", "deny": "plan"},
+            mode_args={m: ["--approval-mode", flag] for m, flag in GEMINI_MODE_FLAGS.items()},
+            mode_announcement=r"\[MODE_UPDATE\] (\w+)",
             source="builtin",
         ),
         AgentSpec(
@@ -222,6 +348,10 @@ def builtin_specs() -> list[AgentSpec]:
             llm_api="anthropic",
             env={"DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1",
                  "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"},
+            mode_levels=dict(CLAUDE_MODE_LEVELS),
+            policy_modes={"ask": "default", "allow": "acceptEdits", "deny": "plan"},
+            mode_settings={m: {".claude/settings.json": {"permissions": {"defaultMode": m}}}
+                           for m in CLAUDE_MODE_LEVELS},
             source="builtin",
         ),
         AgentSpec(
@@ -233,6 +363,10 @@ def builtin_specs() -> list[AgentSpec]:
             description="OpenAI Codex through the codex-acp adapter.",
             mem_limit=1024**3,
             llm_api="openai",
+            mode_levels=dict(CODEX_MODE_LEVELS),
+            policy_modes={"ask": "read-only", "allow": "auto", "deny": "read-only"},
+            mode_args={m: ["-c", f'approval_policy="{approval}"', "-c", f'sandbox_mode="{sandbox}"']
+                       for m, (approval, sandbox) in CODEX_MODE_CONFIG.items()},
             source="builtin",
         ),
     ]
@@ -245,7 +379,8 @@ class AgentConfigManager(LoggingConfigurable):
         help="""Agents added by the admin, by name. Each value is a dict with the keys of
         ``AgentSpec``: ``command`` (argv list) or ``url`` (ws:// endpoint), and optionally
         ``display_name``, ``env``, ``capabilities``, ``credential_env`` (credential field →
-        environment variable), ``description``, ``mem_limit`` (bytes), ``ro_paths``.
+        environment variable), ``description``, ``mem_limit`` (bytes), ``ro_paths``, and for its
+        modes ``mode_levels``, ``policy_modes``, ``mode_args``, ``mode_settings``.
         A name equal to a built-in agent replaces it.""",
     ).tag(config=True)
 

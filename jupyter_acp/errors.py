@@ -106,3 +106,9 @@ class PathOutsideWorkspace(AcpError):
     """An agent asked to read or write a file outside its session workspace."""
 
     status = 403
+
+
+class ModeNotAllowed(AcpError):
+    """The agent mode asked for is one the admin's permission policy does not allow."""
+
+    status = 403

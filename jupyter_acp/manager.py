@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_core.paths import jupyter_runtime_dir
-from traitlets import Bool, Enum, Float, Instance, Integer, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Enum, Float, Instance, Integer, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .agents import AgentConfigManager, AgentSpec
@@ -36,8 +36,9 @@ from .errors import (
 )
 from .gateway import LlmGateway
 from .gateway.plan import plan_launch
+from .limits import AgentInputLimits
 from .sandbox import backend
-from .sandbox.base import ResourceLimits, Sandbox, SandboxSpec
+from .sandbox.base import SYSTEM_PATH, ResourceLimits, Sandbox, SandboxSpec
 from .sandbox.remote import RemoteAgent
 from .session import AgentSession, SessionOptions, SessionState, TurnResult
 from .usage import TurnUsage, UsageLedger
@@ -123,6 +124,15 @@ class UserSessionManager(LoggingConfigurable):
         (no isolation, no limits). Leave False on any shared server.""",
     ).tag(config=True)
 
+    allow_unsandboxed_terminals = Bool(
+        False,
+        help="""Offer ACP terminals to agents that run without isolation (the ``local``
+        sandbox, including the demo agent there). Such a terminal runs the agent's commands on
+        this host with the server's rights, so by default none is advertised and every
+        ``terminal/create`` is refused. Isolated sandboxes (docker, bubblewrap) always offer
+        terminals, which run inside them. Leave False on any shared server.""",
+    ).tag(config=True)
+
     root_dir = Unicode(
         help="The Jupyter server's root directory (set by the extension; default: the cwd).",
     ).tag(config=True)
@@ -193,8 +203,27 @@ class UserSessionManager(LoggingConfigurable):
         ["ask", "allow", "deny"],
         default_value="ask",
         help="""What happens when an agent asks permission (e.g. to write a file): ``ask`` the
-        user, or ``allow`` / ``deny`` every request without asking.""",
+        user, or ``allow`` / ``deny`` every request without asking. It also sets the mode every
+        agent starts in (e.g. Qwen Code's ``default`` for ``ask``, ``auto-edit`` for ``allow``,
+        ``plan`` for ``deny``) and bounds the modes users may switch to (see ``allowed_modes``).""",
     ).tag(config=True)
+
+    allowed_modes = Dict(
+        help="""The agent modes (ACP ``session/set_mode``) users may switch to, by agent name
+        (``"*"``: every agent not named), e.g. ``{"qwen": ["plan", "default", "yolo"]}``. An
+        agent missing here gets the modes no more permissive than ``permission_policy``: with
+        ``ask``, none that edits or runs commands without asking (no ``yolo``, ``auto``,
+        ``auto-edit``, ``bypassPermissions``, ``full-access``). The policy's own starting mode
+        is always allowed. An agent that switches itself to another mode is switched back.""",
+    ).tag(config=True)
+
+    @validate("allowed_modes")
+    def _valid_allowed_modes(self, proposal: Any) -> dict[str, list[str]]:
+        value = proposal["value"]
+        for name, modes in value.items():
+            if not isinstance(modes, list | tuple) or not all(isinstance(m, str) for m in modes):
+                raise TraitError(f"allowed_modes[{name!r}] must be a list of mode ids")
+        return {name: list(modes) for name, modes in value.items()}
 
     permission_timeout = Float(
         300.0,
@@ -211,7 +240,37 @@ class UserSessionManager(LoggingConfigurable):
         10_000, help="Events of a session kept for clients that reconnect (older ones are dropped)."
     ).tag(config=True)
 
-    @validate("max_sessions_per_user", "pids_limit", "max_history")
+    # -- what one agent may cost the server (see limits.py) ------------------------------------
+    max_event_bytes = ByteSpecification(
+        "1M",
+        help="""Largest event (bytes, or 256K / 1M) a session keeps and sends to clients: longer
+        text in an agent's update is cut, with a note saying how much was dropped.""",
+    ).tag(config=True)
+
+    max_history_bytes = ByteSpecification(
+        "4M",
+        help="""Bytes of events one session keeps for clients that reconnect (with
+        ``max_history`` as a count). The oldest go first, and a ``history:truncated`` event says
+        how many were dropped.""",
+    ).tag(config=True)
+
+    max_file_bytes = ByteSpecification(
+        "8M",
+        help="""Largest file an agent may read or write through ACP ``fs/*`` (it can still work on
+        larger files inside its sandbox).""",
+    ).tag(config=True)
+
+    max_terminal_output_bytes = ByteSpecification(
+        "1M",
+        help="""Output kept per agent terminal, whatever ``outputByteLimit`` the agent asks for
+        (the end of the output is kept).""",
+    ).tag(config=True)
+
+    max_terminals = Integer(
+        8, help="Terminals one agent session may hold at once; more are refused. 0: no terminals."
+    ).tag(config=True)
+
+    @validate("max_sessions_per_user", "pids_limit", "max_history", "max_terminals")
     def _non_negative(self, proposal: Any) -> int:
         if proposal["value"] < 0:
             raise TraitError(f"{proposal['trait'].name} must be >= 0")
@@ -283,6 +342,22 @@ class UserSessionManager(LoggingConfigurable):
                               pids_limit=self.pids_limit or None,
                               disk_limit=parse_bytes(self.disk_limit), network=self.network)
 
+    def input_limits(self) -> AgentInputLimits:
+        """The admin's bounds on what one agent may make the server hold (see limits.py)."""
+        defaults = AgentInputLimits()
+
+        def size(value: str, fallback: int) -> int:
+            return parse_bytes(value) or fallback
+
+        return AgentInputLimits(
+            max_event_bytes=size(self.max_event_bytes, defaults.max_event_bytes),
+            max_history_bytes=size(self.max_history_bytes, defaults.max_history_bytes),
+            max_file_bytes=size(self.max_file_bytes, defaults.max_file_bytes),
+            max_terminal_output_bytes=size(self.max_terminal_output_bytes,
+                                           defaults.max_terminal_output_bytes),
+            max_terminals=self.max_terminals,
+        )
+
     def workspace_root(self, username: str) -> Path:
         path = self.workspace_template.format(root_dir=self.root_dir, username=safe_username(username))
         return Path(os.path.abspath(os.path.expanduser(path)))
@@ -336,12 +411,16 @@ class UserSessionManager(LoggingConfigurable):
             raise BadRequest(str(e)) from None
         cls: type[Sandbox] = RemoteAgent if spec.url else self.backend_for(spec)
         await self._backend_started(cls)
+        spec = spec.for_policy(self.permission_policy)  # started in the policy's mode
         session = AgentSession(
             user=username, spec=spec, sandbox_factory=lambda: self._sandbox_placeholder(),
             sandbox_spec=SandboxSpec(argv=[], workspace=workspace), ledger=self.ledger,
             options=SessionOptions(permission_policy=self.permission_policy,
                                    permission_timeout=self.permission_timeout,
-                                   init_timeout=self.init_timeout, max_history=self.max_history),
+                                   init_timeout=self.init_timeout, max_history=self.max_history,
+                                   limits=self.input_limits(),
+                                   allowed_modes=self.allowed_modes.get(spec.name,
+                                                                        self.allowed_modes.get("*"))),
             on_activity=self._activity, on_audit=self._audit,
         )
         home = self._make_home(session.id)
@@ -362,7 +441,8 @@ class UserSessionManager(LoggingConfigurable):
             limits=self.limits_for(spec),
             labels={"user": username, "session": session.id, "agent": spec.name},
             ro_paths=launch.ro_paths,
-            rw_paths=[str(home), *launch.rw_paths],
+            rw_paths=list(launch.rw_paths),
+            home=str(home),
         )
         if spec.url:
             token = creds.get("access_token")
@@ -395,9 +475,15 @@ class UserSessionManager(LoggingConfigurable):
         raise SandboxError("The session's sandbox was not configured")
 
     def _agent_env(self, spec: AgentSpec, creds: dict[str, str], home: Path) -> dict[str, str]:
-        """The agent's whole environment: never the server's own (it may hold secrets)."""
+        """The agent's whole environment: never the server's own (it may hold secrets), and
+        no more of the host than it needs: PATH is the system directories plus the directory
+        of the agent's own executable, not the server's PATH."""
+        path = SYSTEM_PATH.split(":")
+        exe = spec.executable()
+        if exe and os.path.dirname(exe) not in path:
+            path.insert(0, os.path.dirname(exe))
         env = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "PATH": ":".join(path),
             "HOME": str(home),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "TERM": "dumb",

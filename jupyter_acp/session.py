@@ -7,12 +7,9 @@ State machine::
         └──────────┴──────────┴──> error (reason kept; ``restart`` goes back to starting)
                    └─────────────> stopped (final)
 
-Everything that happens is an *event* with a sequence number, kept in a bounded history and
-fanned out to subscribers (WebSockets, widgets). A subscriber that joins late reads the history
-first, so a reconnecting UI loses nothing. The history holds each event as its JSON text, as the
-API sends it (``wire_json``): serialized once, sent as is, and invisible to the garbage
-collector — 200 sessions of dict-tree histories made its full collections take 0.25-0.6 s,
-which stalled every session at once (bench/scale.py).
+Everything that happens is an *event* with a sequence number (``history.EventHistory``: a
+bounded history of each event's wire JSON, fanned out to subscribers; what the agent sends is
+cut to ``max_event_bytes`` there), and a turn's reply text is cut to ``max_turn_text_bytes``.
 
 Prompt turns are not cut by a fixed timeout: they stream until the agent ends them, the user
 cancels, or the agent dies.
@@ -21,11 +18,8 @@ cancels, or the agent dies.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import enum
-import itertools
-import json
 import logging
 import time
 import uuid
@@ -42,17 +36,21 @@ from .errors import (
     AgentError,
     AuthenticationRequired,
     BadRequest,
-    PermissionNotFound,
+    ModeNotAllowed,
     SessionBusy,
     SessionNotReady,
 )
+from .history import EventHistory, Subscriber, public_event, wire_json
+from .limits import AgentInputLimits
 from .linefilter import filtered_reader
-from .sandbox.base import STDIO_LINE_LIMIT, Sandbox, SandboxSpec
+from .permissions import PendingPermission, PermissionDesk
+from .sandbox.base import Sandbox, SandboxSpec
+from .shrink import TextBudget
 from .usage import TurnUsage, UsageLedger, UsageNormalizer
 
 log = logging.getLogger("jupyter_acp.session")
 
-Subscriber = Callable[[dict[str, Any]], None]
+__all__ = ["AgentSession", "SessionOptions", "SessionState", "TurnResult", "public_event", "wire_json"]
 
 
 class SessionState(str, enum.Enum):
@@ -87,41 +85,16 @@ class SessionOptions:
     permission_timeout: float = 300.0
     init_timeout: float = 60.0
     max_history: int = 10_000
+    limits: AgentInputLimits = field(default_factory=AgentInputLimits)
+    """What the agent may make the server hold or do (bytes, files, terminals)."""
+    allowed_modes: list[str] | None = None
+    """The admin's list of modes this agent may be in; None: those within the policy's level."""
     client_info: dict[str, str] = field(default_factory=lambda: {"name": "jupyter-acp", "version": "0.1.0"})
 
 
-@dataclass
-class PendingPermission:
-    request_id: str
-    tool_call: dict[str, Any]
-    options: list[schema.PermissionOption]
-    future: asyncio.Future[schema.RequestPermissionResponse]
-
-    def public(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "tool_call": self.tool_call,
-                "options": [_dump(o) for o in self.options]}
-
-
-#: Event names on the wire (docs/api.md) for the session's internal event types.
-WIRE_TYPES = {
-    "session_update": "session/update",
-    "user_message": "chat:message",
-    "permission_request": "permission:request",
-    "permission_resolved": "permission:resolved",
-    "turn_end": "chat:response",
-    "cancel_requested": "cancel",
-}
-
-
-def public_event(event: dict[str, Any]) -> dict[str, Any]:
-    """A session event as the API shows it (same dict, wire type name)."""
-    return {**event, "type": WIRE_TYPES.get(event["type"], event["type"])}
-
-
-def wire_json(event: dict[str, Any]) -> str:
-    """The JSON text of an event as the API sends it."""
-    return json.dumps(public_event(event), default=str)
-
+#: Bytes an event adds around an agent's update (seq, type, time): updates are cut this much
+#: below ``max_event_bytes`` as they come in (linefilter.py), so that their event fits.
+EVENT_MARGIN = 4096
 
 def _dump(model: Any) -> dict[str, Any]:
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -159,7 +132,15 @@ class AgentSession:
         self.acp_session_id: str | None = None
         self.agent_info: dict[str, Any] = {}
         self.agent_capabilities: dict[str, Any] = {}
+        #: the agent's modes as clients see them: only the allowed ones in ``availableModes``,
+        #: the others in ``forbiddenModes`` (``_agent_modes``: as the agent reported them)
         self.modes: dict[str, Any] | None = None
+        self._agent_modes: dict[str, Any] | None = None
+        #: the mode the admin's policy puts the agent in (None: the agent has no known modes)
+        self.policy_mode: str | None = None
+        self._mode_guard: asyncio.Task[None] | None = None
+        self._mode_reverts = 0
+        self._stop_reason: str | None = None
         self.config_options: list[dict[str, Any]] = []
         self.sandbox: Sandbox | None = None
         self.client: AcpClient | None = None
@@ -169,68 +150,39 @@ class AgentSession:
         #: ledger itself, so the agent's own usage reports are shown but never recorded.
         self.metered_by_gateway = False
         self._gateway_turn = TurnUsage(source="gateway")
-        #: the latest ``max_history`` events, as their wire JSON text (``payloads``, ``events``)
-        self._log: collections.deque[str] = collections.deque(maxlen=self.options.max_history)
-        self._last_payload = ""
-        self.pending: dict[str, PendingPermission] = {}
-        self._seq = 0
-        self._subscribers: list[Subscriber] = []
+        limits = self.options.limits
+        self.history = EventHistory(max_events=self.options.max_history, max_bytes=limits.max_history_bytes,
+                                    max_event_bytes=limits.max_event_bytes, label=self.id)
+        self.permissions = PermissionDesk(
+            policy=self.options.permission_policy, timeout=self.options.permission_timeout,
+            max_pending=limits.max_pending_permissions, emit=self._emit, audit=self._audit, label=self.id)
         self._watcher: asyncio.Task[None] | None = None
         self._filter: asyncio.Task[None] | None = None
-        self._turn_text: list[str] = []
+        self._turn_text = TextBudget(self.options.limits.max_turn_text_bytes)
         self._turn_task: asyncio.Task[Any] | None = None
         self._replaying = False
         self._lock = asyncio.Lock()
 
-    # -- events --------------------------------------------------------------------------------
+    # -- events (history.py) ------------------------------------------------------------------
     @property
     def last_seq(self) -> int:
         """The sequence number of the latest event (0 before the first)."""
-        return self._seq
+        return self.history.seq
 
     def payloads(self, since: int = 0) -> list[str]:
-        """The JSON text (as sent on the wire) of each kept event with ``seq > since``, in order."""
-        first = self._seq - len(self._log) + 1  # the seqs in the history are consecutive
-        return list(itertools.islice(self._log, max(0, since + 1 - first), None))
+        return self.history.payloads(since)
 
     def payload(self, seq: int) -> str:
-        """The JSON text of one kept event, or of the latest even when ``max_history`` is 0
-        (``IndexError`` if it left the history)."""
-        if seq == self._seq:
-            return self._last_payload
-        index = len(self._log) - 1 - (self._seq - seq)
-        if index < 0:
-            raise IndexError(seq)
-        return self._log[index]
+        return self.history.payload(seq)
 
     def events(self, since: int = 0) -> list[dict[str, Any]]:
-        """The kept events with ``seq > since``, as the API shows them (wire type names)."""
-        return [json.loads(p) for p in self.payloads(since)]
+        return self.history.events(since)
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
-        """Receive every event from now on (an event dict, internal type name); the history
-        (``payloads``/``events``) holds what came before."""
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self.history.subscribe(callback)
 
     def _emit(self, type_: str, data: dict[str, Any]) -> dict[str, Any]:
-        self._seq += 1
-        event = {"seq": self._seq, "type": type_, "time": time.time(), "data": data}
-        self._last_payload = wire_json(event)
-        self._log.append(self._last_payload)
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:
-                log.exception("A subscriber of session %s failed; dropping it", self.id)
-                with contextlib.suppress(ValueError):
-                    self._subscribers.remove(callback)
-        return event
+        return self.history.emit(type_, data)
 
     def _set_state(self, state: SessionState, error: str | None = None) -> None:
         self.state = state
@@ -250,6 +202,7 @@ class AgentSession:
     async def start(self, *, load: bool = False) -> None:
         """Start the sandbox, connect, ``initialize`` and open (or load) the ACP session."""
         self.state, self.error = SessionState.STARTING, None
+        self._stop_reason = None
         self._emit("state", {"state": "starting", "error": None})
         try:
             await self._start(load)
@@ -266,13 +219,15 @@ class AgentSession:
     async def _start(self, load: bool) -> None:
         self.sandbox = self._sandbox_factory()
         await self.sandbox.start()
-        self.client = AcpClient(self, self.sandbox)
+        self.client = AcpClient(self, self.sandbox, self.options.limits)
         if self.sandbox.transport is not None:  # a remote agent over a WebSocket
             self.conn = connect_to_agent(self.client, self.sandbox.transport)
         else:
             assert self.sandbox.stdin is not None and self.sandbox.stdout is not None
-            reader, self._filter = filtered_reader(self.sandbox.stdout, limit=STDIO_LINE_LIMIT,
-                                                   on_drop=self._on_dropped_line, label=self.id)
+            limits = self.options.limits
+            reader, self._filter = filtered_reader(
+                self.sandbox.stdout, limit=limits.max_message_bytes, on_drop=self._on_dropped_line,
+                label=self.id, update_limit=max(limits.max_event_bytes - EVENT_MARGIN, 1024))
             self.conn = connect_to_agent(self.client, self.sandbox.stdin, reader)
         self._watcher = asyncio.create_task(self._watch(self.sandbox), name=f"acp-watch-{self.id}")
         init = await self._bounded(
@@ -297,6 +252,7 @@ class AgentSession:
                     "session/load",
                 )
                 self._set_modes(getattr(resp, "modes", None), getattr(resp, "config_options", None))
+                await self._apply_mode_policy(new=False)
                 return
             except AgentError as e:
                 log.warning("session/load failed for %s (%s); opening a new ACP session", self.id, e)
@@ -305,6 +261,7 @@ class AgentSession:
         resp = await self._bounded(self.conn.new_session(cwd=cwd, mcp_servers=[]), "session/new")
         self.acp_session_id = resp.session_id
         self._set_modes(resp.modes, getattr(resp, "config_options", None))
+        await self._apply_mode_policy(new=True)
 
     async def _bounded(self, aw: Any, what: str) -> Any:
         """Await an ACP request with the init timeout, racing the agent's death."""
@@ -350,7 +307,7 @@ class AgentSession:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._watcher), 2.0)
         if self.sandbox is None:
-            return "the agent is gone"
+            return self._stop_reason or "the agent is gone"
         status = await self.sandbox.poll()
         if status is None:  # the process lives but the connection broke: it cannot be trusted
             await self.sandbox.stop()
@@ -377,8 +334,73 @@ class AgentSession:
         self._emit("error", {"message": f"The agent sent {what}; it was dropped (protocol error)"})
 
     def _set_modes(self, modes: Any, config_options: Any = None) -> None:
-        self.modes = _dump(modes) if modes is not None else None
+        self._agent_modes = _dump(modes) if modes is not None else None
+        self._publish_modes()
         self.config_options = [_dump(o) for o in config_options or []]
+
+    # -- modes: the admin's permission policy decides which ones the agent may be in ----------
+    def _available_mode_ids(self) -> list[str]:
+        return [m.get("id") for m in (self._agent_modes or {}).get("availableModes", [])
+                if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    def mode_allowed(self, mode_id: str | None) -> bool:
+        """Whether the admin lets this session be in ``mode_id`` (the policy's mode always)."""
+        if mode_id is None:
+            return False
+        if mode_id == self.policy_mode:
+            return True
+        if self.options.allowed_modes is not None:
+            return mode_id in self.options.allowed_modes
+        return self.spec.mode_permitted(mode_id, self.options.permission_policy)
+
+    def _publish_modes(self) -> None:
+        """``modes`` for clients: the agent's, with the forbidden ones moved out of the list."""
+        raw = self._agent_modes
+        if raw is None:
+            self.modes = None
+            return
+        listed = [m for m in raw.get("availableModes", []) if isinstance(m, dict)]
+        self.modes = {**raw, "availableModes": [m for m in listed if self.mode_allowed(m.get("id"))],
+                      "forbiddenModes": [m for m in listed if not self.mode_allowed(m.get("id"))]}
+
+    def _record_mode(self, mode_id: str) -> None:
+        if self._agent_modes is not None:
+            self._agent_modes["currentModeId"] = mode_id
+            self._publish_modes()
+
+    async def _apply_mode_policy(self, *, new: bool) -> None:
+        """Put a starting agent in the policy's mode (or, resuming, in an allowed one).
+
+        The launch already asked for that mode (``AgentSpec.for_policy``); this checks what the
+        agent reports and fixes it with ``session/set_mode``. An agent that cannot be put in an
+        allowed mode is not started: running it would break the admin's promise silently."""
+        if self._agent_modes is None:  # an agent without modes: the policy applies per request
+            return
+        policy = self.options.permission_policy
+        available = self._available_mode_ids()
+        self.policy_mode = self.spec.policy_mode(policy, available)
+        current = self._agent_modes.get("currentModeId")
+        if self.policy_mode is None:
+            if self.options.allowed_modes is None or current not in self.options.allowed_modes:
+                raise AgentError(
+                    f"{self.spec.display_name} offers no mode known to match the permission policy "
+                    f"{policy!r} (its modes: {', '.join(map(str, available)) or 'none'}); an admin "
+                    f"can declare them with mode_levels in c.AgentConfigManager.agents or list "
+                    f"them in c.UserSessionManager.allowed_modes")
+            self.policy_mode = current
+        target = self.policy_mode if new else (current if self.mode_allowed(current) else self.policy_mode)
+        self._publish_modes()
+        if current != target:
+            log.info("Session %s: %s started in mode %r; switching it to %r (permission policy %r)",
+                     self.id, self.spec.name, current, target, policy)
+            try:
+                await self._bounded(self.conn.set_session_mode(session_id=self.acp_session_id,
+                                                               mode_id=target), "session/set_mode")
+            except AgentError as e:
+                raise AgentError(f"{self.spec.display_name} started in the mode {current!r} and "
+                                 f"could not be put in {target!r}, which the permission policy "
+                                 f"{policy!r} requires: {e}") from e
+            self._record_mode(target)
 
     async def stop(self, reason: str = "stopped by the user") -> None:
         """Stop the agent and remove the sandbox; the workspace stays. Final."""
@@ -387,6 +409,7 @@ class AgentSession:
         self._cancel_pending_permissions()
         if self._turn_task is not None:
             self._turn_task.cancel()
+        await self._stop_mode_guard()
         await self._teardown()
         self._set_state(SessionState.STOPPED)
         self._audit("stopped", reason=reason)
@@ -421,6 +444,7 @@ class AgentSession:
             raise SessionBusy("A prompt turn is running; cancel it before restarting")
         async with self._lock:
             self._cancel_pending_permissions()
+            await self._stop_mode_guard()
             await self._teardown()
             await self.start(load=True)
 
@@ -438,7 +462,7 @@ class AgentSession:
         self._set_state(SessionState.BUSY)
         self.turns += 1
         turn, started = self.turns, time.time()
-        self._turn_text = []
+        self._turn_text = TextBudget(self.options.limits.max_turn_text_bytes)
         self.usage.begin_turn()
         self.touch()
         self._emit("user_message", {"text": text, "turn": turn})
@@ -506,7 +530,8 @@ class AgentSession:
             self.ledger.record(user=self.user, session_id=self.id, agent=self.spec.name, turn=turn,
                                usage=usage, started_at=started, ended_at=ended)
         stop_reason = str(response.stop_reason) if response is not None else "error"
-        result = TurnResult("".join(self._turn_text), stop_reason, usage, turn, ended - started)
+        result = TurnResult(self._turn_text.text(), stop_reason, usage, turn, ended - started)
+        self._turn_text = TextBudget(self.options.limits.max_turn_text_bytes)  # (not kept idle)
         self._emit("turn_end", result.to_dict())
         self.touch()
         return result
@@ -521,17 +546,81 @@ class AgentSession:
         return True
 
     async def set_mode(self, mode_id: str) -> None:
+        """The user's mode change (ACP ``session/set_mode``), within what the admin allows."""
         if self.state not in (SessionState.READY, SessionState.BUSY):
             raise SessionNotReady(f"The session is {self.state.value}")
-        available = [m["id"] for m in (self.modes or {}).get("availableModes", [])]
-        if mode_id not in available:
-            raise BadRequest(f"Unknown mode {mode_id!r}; available: {', '.join(available) or 'none'}")
+        allowed = [m["id"] for m in (self.modes or {}).get("availableModes", [])]
+        if mode_id not in self._available_mode_ids():
+            raise BadRequest(f"Unknown mode {mode_id!r}; available: {', '.join(allowed) or 'none'}")
+        if not self.mode_allowed(mode_id):
+            raise ModeNotAllowed(
+                f"Your admin does not allow the mode {mode_id!r} of {self.spec.display_name} "
+                f"(permission policy {self.options.permission_policy!r}); allowed: "
+                f"{', '.join(allowed) or 'none'}")
         try:
             await self.conn.set_session_mode(session_id=self.acp_session_id, mode_id=mode_id)
         except RequestError as e:
             raise self._request_error(e, "the mode change") from e
-        if self.modes is not None:
-            self.modes["currentModeId"] = mode_id
+        self._record_mode(mode_id)
+
+    def _on_mode_update(self, mode_id: str) -> None:
+        """The agent says it is now in ``mode_id``: if the admin does not allow that mode, put
+        it back in the policy's mode (in a task: this runs inside the agent's notification)."""
+        self._record_mode(mode_id)
+        if self.mode_allowed(mode_id) or self.policy_mode is None:
+            return
+        if self._mode_guard is None or self._mode_guard.done():
+            self._mode_guard = asyncio.create_task(self._restore_mode(), name=f"acp-mode-{self.id}")
+
+    #: Self-switches into forbidden modes a session undoes before it stops the agent instead.
+    MAX_MODE_REVERTS = 50
+
+    async def _restore_mode(self) -> None:
+        target = self.policy_mode
+        assert target is not None
+        while self.conn is not None and not self.mode_allowed(current := (self._agent_modes or {}).get(
+                "currentModeId")):
+            self._mode_reverts += 1
+            log.warning("Session %s (user %s): %s switched itself to the mode %r, which the "
+                        "permission policy %r does not allow; switching it back to %r", self.id,
+                        self.user, self.spec.name, current, self.options.permission_policy, target)
+            try:
+                if self._mode_reverts > self.MAX_MODE_REVERTS:
+                    raise AgentError(f"it switched itself to a forbidden mode {self._mode_reverts} times")
+                await self._bounded(self.conn.set_session_mode(session_id=self.acp_session_id,
+                                                               mode_id=target), "session/set_mode")
+            except Exception as e:
+                reason = (f"{self.spec.display_name} switched itself to the mode {current!r}, which "
+                          f"your admin does not allow, and could not be switched back ({e}); the "
+                          f"agent was stopped")
+                self._emit("error", {"message": reason, "mode": current, "restored": None})
+                await self._halt(reason)
+                return
+            self._record_mode(target)
+            self._emit("session_update", {"sessionUpdate": "current_mode_update", "currentModeId": target})
+            self._emit("error", {"message": f"{self.spec.display_name} switched itself to the mode "
+                                            f"{current!r}, which your admin does not allow; it was "
+                                            f"switched back to {target!r}.",
+                                 "mode": current, "restored": target})
+
+    async def _stop_mode_guard(self) -> None:
+        """End a running mode restore: cancelled, unless it is stopping the agent (awaited)."""
+        guard = self._mode_guard
+        if guard is None or guard is asyncio.current_task():
+            return
+        if self._stop_reason is None:
+            guard.cancel()
+        with contextlib.suppress(BaseException):
+            await guard
+
+    async def _halt(self, reason: str) -> None:
+        """Stop an agent that broke the admin's policy: the session goes to ``error``."""
+        self._stop_reason = reason
+        self._cancel_pending_permissions()
+        if self.state is SessionState.STOPPED:
+            return
+        await self._teardown()
+        self._set_state(SessionState.ERROR, reason)
 
     async def set_config_option(self, config_id: str, value: str | bool) -> None:
         """ACP ``session/set_config_option`` (e.g. a model or reasoning-effort selector)."""
@@ -559,8 +648,11 @@ class AgentSession:
             content = getattr(update, "content", None)
             if getattr(content, "type", None) == "text":
                 self._turn_text.append(content.text)
-        elif kind == "current_mode_update" and self.modes is not None:
-            self.modes["currentModeId"] = update.current_mode_id
+                announced = self.spec.announced_mode(content.text)
+                if announced and self._agent_modes is not None:
+                    self._on_mode_update(announced)
+        elif kind == "current_mode_update" and self._agent_modes is not None:
+            self._on_mode_update(update.current_mode_id)
         elif kind == "config_option_update":
             self.config_options = [_dump(o) for o in update.config_options]
         self.last_activity = time.time()
@@ -569,64 +661,19 @@ class AgentSession:
     async def on_permission_request(self, tool_call: schema.ToolCallUpdate,
                                     options: list[schema.PermissionOption]
                                     ) -> schema.RequestPermissionResponse:
-        policy = self.options.permission_policy
-        if policy in ("allow", "deny"):
-            response = self._choose(options, allow=policy == "allow")
-            self._audit("permission", decision=policy, by="policy", tool_call=tool_call.title)
-            return response
-        request_id = uuid.uuid4().hex[:16]
-        future: asyncio.Future[schema.RequestPermissionResponse] = asyncio.get_running_loop().create_future()
-        pending = PendingPermission(request_id, _dump(tool_call), options, future)
-        self.pending[request_id] = pending
-        self._emit("permission_request", pending.public())
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), self.options.permission_timeout)
-        except asyncio.TimeoutError:
-            self._resolve(request_id, self._choose(options, allow=False), by="timeout")
-            return future.result()
-        finally:
-            self.pending.pop(request_id, None)
+        return await self.permissions.ask(tool_call, options)
 
-    @staticmethod
-    def _choose(options: list[schema.PermissionOption], *, allow: bool) -> schema.RequestPermissionResponse:
-        kinds = ("allow_once", "allow_always") if allow else ("reject_once", "reject_always")
-        for option in options:
-            if option.kind in kinds:
-                return schema.RequestPermissionResponse(
-                    outcome=schema.AllowedOutcome(outcome="selected", option_id=option.option_id))
-        return schema.RequestPermissionResponse(outcome=schema.DeniedOutcome(outcome="cancelled"))
+    @property
+    def pending(self) -> dict[str, PendingPermission]:
+        """The permission requests waiting for the user, by request id."""
+        return self.permissions.pending
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         """The user's answer: an option id, or None to dismiss (reject)."""
-        pending = self.pending.get(request_id)
-        if pending is None or pending.future.done():
-            raise PermissionNotFound(f"No pending permission request {request_id!r}")
-        if option_id is None:
-            response = self._choose(pending.options, allow=False)
-        else:
-            if option_id not in {o.option_id for o in pending.options}:
-                valid = ", ".join(o.option_id for o in pending.options)
-                raise BadRequest(f"Unknown option {option_id!r}; choose one of: {valid}")
-            response = schema.RequestPermissionResponse(
-                outcome=schema.AllowedOutcome(outcome="selected", option_id=option_id))
-        self._resolve(request_id, response, by="user")
-
-    def _resolve(self, request_id: str, response: schema.RequestPermissionResponse, *, by: str) -> None:
-        pending = self.pending.get(request_id)
-        if pending is None or pending.future.done():
-            return
-        pending.future.set_result(response)
-        outcome = response.outcome
-        option_id = getattr(outcome, "option_id", None)
-        self._emit("permission_resolved", {"request_id": request_id, "outcome": outcome.outcome,
-                                           "option_id": option_id, "by": by})
-        self._audit("permission", request_id=request_id, decision=option_id or outcome.outcome, by=by,
-                    tool_call=pending.tool_call.get("title"))
+        self.permissions.answer(request_id, option_id)
 
     def _cancel_pending_permissions(self) -> None:
-        for request_id in list(self.pending):
-            self._resolve(request_id, schema.RequestPermissionResponse(
-                outcome=schema.DeniedOutcome(outcome="cancelled")), by="cancel")
+        self.permissions.cancel_all()
 
     # -- stats ---------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -660,5 +707,5 @@ class AgentSession:
             "agent_info": self.agent_info,
             "acp_session_id": self.acp_session_id,
             "pending_permissions": [p.public() for p in self.pending.values()],
-            "last_seq": self._seq,
+            "last_seq": self.history.seq,
         }

@@ -17,6 +17,8 @@ the cumulative baseline always moves, so switching sources never double counts.
 from __future__ import annotations
 
 import datetime as dt
+import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,11 +74,31 @@ class TurnUsage:
         return asdict(self)
 
 
+#: The most tokens one report may claim. An agent's usage report is its own word (a hostile
+#: agent may send 1e400 or 2**200); this keeps such a value from breaking the ledger's INTEGER
+#: columns and the day's sums, while real reports (at most millions) pass untouched.
+MAX_REPORTED_TOKENS = 10**12
+#: The most cost (in the report's currency) one cumulative report may claim.
+MAX_REPORTED_COST = 1e9
+
+
 def _int(value: Any) -> int:
-    try:
-        return max(int(value), 0)
-    except (TypeError, ValueError):
+    """A token count from an agent's report: a non-negative int, clamped; junk counts as 0."""
+    if isinstance(value, bool):
         return 0
+    try:
+        return min(max(int(value), 0), MAX_REPORTED_TOKENS)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _cost(value: Any) -> float:
+    """A cost from an agent's report: finite, non-negative, clamped; junk counts as 0."""
+    try:
+        amount = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return min(amount, MAX_REPORTED_COST) if math.isfinite(amount) and amount > 0 else 0.0
 
 
 class UsageNormalizer:
@@ -111,18 +133,18 @@ class UsageNormalizer:
                     self._requests[key] = self._requests.get(key, 0) + _int(usage.get(_CAMEL[key]))
                 self._request_total += _int(usage.get("totalTokens"))
                 if isinstance(usage.get("model"), str):
-                    self._model = usage["model"]
+                    self._model = usage["model"][:255]  # the ledger's column
         if getattr(update, "session_update", None) == "usage_update":
             self.context_used = _int(update.used)
             self.context_size = _int(update.size)
             cost = getattr(update, "cost", None)
             if cost is not None:
-                amount = float(cost.amount)
+                amount = _cost(cost.amount)
                 previous = self.cost_cumulative or 0.0
                 # a restarted agent starts its cumulative cost again from zero
                 self._cost_delta += amount - previous if amount >= previous else amount
                 self.cost_cumulative = amount
-                self.currency = cost.currency
+                self.currency = cost.currency[:8] if isinstance(cost.currency, str) else None
 
     def end_turn(self, response: Any | None) -> TurnUsage:
         """The turn's usage, given the ``PromptResponse`` (None when the turn failed)."""
@@ -163,9 +185,23 @@ class UsageNormalizer:
         counts = quota["token_count"]
         models = quota.get("model_usage")
         if isinstance(models, list) and models and isinstance(models[0], dict):
-            self._model = models[0].get("model") or self._model
+            model = models[0].get("model")
+            self._model = model[:255] if isinstance(model, str) and model else self._model
         return {"input_tokens": _int(counts.get("input_tokens")),
                 "output_tokens": _int(counts.get("output_tokens"))}
+
+
+def _private_file(path: Path) -> None:
+    """Create the SQLite file (and its directory) readable by the server's account only, before
+    SQLite does with the umask's mode (0644): in a home directory others may enter, they would
+    read every user's usage. SQLite gives its ``-wal`` and ``-shm`` files the same mode."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)  # a ledger created by an earlier version
+    finally:
+        os.close(fd)
 
 
 metadata = MetaData()
@@ -244,7 +280,7 @@ class UsageLedger(LoggingConfigurable):
     def _connect(self) -> Engine:
         url = self.db_url
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(url[len("sqlite:///"):]))
         engine = create_engine(url, future=True)
         if engine.dialect.name == "sqlite":
             @event.listens_for(engine, "connect")

@@ -45,7 +45,7 @@ async def test_no_network(manager):
 
 async def test_only_workspace_and_tmp_are_writable(manager, acp_workspace_root):
     session = await manager.create_user_session("alice", "demo")
-    beside_home = os.path.dirname(session.sandbox_spec.rw_paths[0]) + "/x"
+    beside_home = os.path.dirname(session.sandbox_spec.home) + "/x"
     await run(session, f"echo hi > {beside_home}")  # lands (if at all) in the sandbox's own /tmp
     assert not os.path.exists(beside_home)
     for path in ("/usr/x", "/etc/x", "/x", "/root/x", "/proc/x", session.sandbox_spec.argv[0] + "-x"):

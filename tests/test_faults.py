@@ -45,7 +45,7 @@ async def test_a_line_over_the_limit_is_dropped_and_reported(manager):
     result = await asyncio.wait_for(manager.send_message("alice", session.id, "go"), 60)
     assert result.text == "Demo agent (no LLM) heard 1 words: go"  # the session went on
     errors = [e["data"]["message"] for e in session.events() if e["type"] == "error"]
-    assert errors == ["The agent sent a message larger than 50 MiB; it was dropped (protocol error)"]
+    assert errors == ["The agent sent a message larger than 16 MiB; it was dropped (protocol error)"]
     assert session.state is SessionState.READY
 
 

@@ -149,7 +149,9 @@ async def test_cancel_stops_a_turn(manager):
     assert await session.cancel() is False  # nothing to cancel any more
 
 
-async def test_terminal_runs_inside_the_sandbox(manager, backend, acp_workspace_root):
+async def test_terminal_runs_inside_the_sandbox(acp_managers, backend, acp_workspace_root):
+    # a local terminal runs on the host: the admin must opt in (bubblewrap always offers them)
+    manager = acp_managers(sandbox=backend, allow_unsandboxed_terminals=True)
     (acp_workspace_root / "data.txt").write_text("x")
     session = await manager.create_user_session("alice", "demo")
     result = await manager.send_message("alice", session.id, "/shell pwd; ls")
@@ -315,7 +317,7 @@ async def test_agent_that_exits_at_start_explains_why(acp_managers):
 
 
 async def test_credentials_reach_only_the_agent_env(acp_managers, caplog):
-    manager = acp_managers(sandbox="local")
+    manager = acp_managers(sandbox="local", allow_unsandboxed_terminals=True)  # /shell on the host
     secret = "sk-test-very-secret-value"
     manager.agents.agents = {"demo2": {"command": [sys.executable, "-m", "jupyter_acp.agents_builtin.demo"],
                                        "credential_env": {"api_key": "DEMO_API_KEY"}, "demo": True}}

@@ -44,7 +44,7 @@ STREAM = 5000
 
 def call(server: dict[str, Any], method: str, path: str, user: str, body: Any = None) -> tuple[int, Any]:
     port = int(server["url"].rsplit(":", 1)[1].strip("/"))
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         conn.request(method, "/api/acp/" + path, body=json.dumps(body) if body is not None else None,
                      headers={**auth(user), "Content-Type": "application/json"})

@@ -523,7 +523,7 @@ async def test_a_client_too_slow_to_read_is_dropped_and_resumes_without_loss(
     sock.connect(("127.0.0.1", jp_http_port))
     stalled = await connect(url, additional_headers=auth("alice"), max_queue=1, sock=sock)
     await api("POST", f"sessions/{sid}/messages", {"message": "/stream 20000"})
-    assert session._subscribers == []  # the stalled socket was dropped, the turn went on
+    assert session.history._subscribers == []  # the stalled socket was dropped, the turn went on
     with pytest.raises(ConnectionClosedError) as closed:
         while True:
             await stalled.recv()

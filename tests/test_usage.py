@@ -106,3 +106,20 @@ def test_ledger_queries_and_quota(tmp_path):
     ledger.max_tokens_per_user_per_day = 0
     ledger.check_quota("bob")  # 0 = unlimited
     ledger.close()
+
+
+def test_the_ledger_file_is_private(tmp_path):
+    """Nobody but the server's account may read the usage of every user."""
+    db = tmp_path / "data" / "usage.sqlite"
+    ledger = UsageLedger(db_url=f"sqlite:///{db}")
+    try:
+        ledger.record(user="alice", session_id="s", agent="demo", turn=1,
+                      usage=TurnUsage(input_tokens=1, total_tokens=1), started_at=0.0)
+        for path in (db, *db.parent.glob("usage.sqlite-*")):
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        assert db.parent.stat().st_mode & 0o077 == 0
+    finally:
+        ledger.close()
+    db.chmod(0o644)  # one made by an earlier version is made private when opened
+    UsageLedger(db_url=f"sqlite:///{db}").engine.dispose()
+    assert db.stat().st_mode & 0o777 == 0o600

@@ -48,10 +48,11 @@ from tornado import httputil, web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_unix_socket
-from traitlets import Bool, Float, List, Unicode, default
+from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from ..errors import BadRequest, QuotaExceeded
+from ..refusals import RefusalLog
 from ..usage import TurnUsage
 from .meter import APIS, UsageMeter
 
@@ -142,6 +143,20 @@ class LlmGateway(LoggingConfigurable):
         900.0, help="Seconds one LLM request (a whole streamed answer) may take upstream."
     ).tag(config=True)
 
+    max_request_bytes = Integer(
+        16 * 1024 * 1024,
+        help="""Largest request body (bytes) an agent may send to its LLM through the gateway;
+        a larger one gets HTTP 413. The body is held in the server's memory while it is
+        forwarded, so this bounds what one agent can make the server hold per request.""",
+    ).tag(config=True)
+
+    max_connections_per_session = Integer(
+        8,
+        help="""Connections one session's agent may hold open to the gateway at once; more are
+        closed at once. Real agents use one or two; without a bound, one agent could hold
+        every upstream slot and slow every other user's LLM requests.""",
+    ).tag(config=True)
+
     relay_python = Unicode(
         help="""The Python that runs the relay inside the sandbox (stdlib only; it must exist
         inside the sandbox too). Default: ``/usr/bin/python3`` when present, else the server's.""",
@@ -187,7 +202,9 @@ class LlmGateway(LoggingConfigurable):
                              socket_path=path, dummy_key=f"jacp-{secrets.token_urlsafe(24)}",
                              on_usage=on_usage, check_quota=check_quota, _real_key=api_key)
         app = web.Application([(r"/(.*)", _ProxyHandler, {"route": route, "gateway": self})])
-        server = HTTPServer(app, max_body_size=64 * 1024 * 1024)
+        server = _BoundedHTTPServer(app, max_body_size=self.max_request_bytes)
+        server.max_connections = self.max_connections_per_session
+        server.label = session_id
         server.add_socket(bind_unix_socket(path, mode=0o666))
         route._server = server
         self.routes[session_id] = route
@@ -220,6 +237,25 @@ class LlmGateway(LoggingConfigurable):
     def sandbox_paths(self, route: GatewayRoute) -> tuple[list[str], list[str]]:
         """(read-only, read-write) host paths the sandbox needs for the relay and the socket."""
         return [str(RELAY.parent)], [os.path.dirname(route.socket_path)]
+
+
+class _BoundedHTTPServer(HTTPServer):
+    """One route's HTTP server: at most ``max_connections`` open at once (more are closed)."""
+
+    max_connections = 8
+    label = ""
+    refusals: RefusalLog | None = None
+
+    def handle_stream(self, stream: Any, address: Any) -> None:
+        # ``_connections``: tornado's own set of this server's open HTTP/1 connections
+        if len(self._connections) >= self.max_connections:
+            if self.refusals is None:
+                self.refusals = RefusalLog(self.label, logger=log)
+            self.refusals.warning("more than %d connections to the LLM gateway; one was closed",
+                                  self.max_connections)
+            stream.close()
+            return
+        super().handle_stream(stream, address)
 
 
 class _ProxyHandler(web.RequestHandler):

@@ -5,6 +5,12 @@ ACP SDK's ``connect_to_agent`` consumes. The lifecycle mirrors the spawners of J
 (create/start, poll, stop, remove) so that admins meet familiar names. ``ProcessSandbox`` holds
 what the process-based backends share: the process group, stderr draining (the ACP SDK pipes
 stderr and never reads it; a full pipe would freeze the agent), TERM-then-KILL and reaping.
+
+What the agent sends (its environment, a terminal's argv, env and cwd) is attacker input. The
+host-side process that starts a sandboxed command (a launcher such as ``bwrap``, which runs
+outside every namespace with the server's rights) therefore gets a fixed environment
+(``LAUNCHER_ENV``) and cwd ``/``: variables such as ``LD_PRELOAD`` or ``LD_DEBUG_OUTPUT`` only
+ever reach the processes inside the sandbox (see ``HostLaunch`` and each backend's ``launch``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import signal
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -25,10 +32,44 @@ from ..errors import SandboxError
 
 log = logging.getLogger("jupyter_acp.sandbox")
 
-#: Agents print JSON-RPC lines; some (file contents, diffs) are large. 50 MiB like the SDK.
-STDIO_LINE_LIMIT = 50 * 1024 * 1024
+#: The buffer of an agent's stdout (it pauses the pipe at twice this). Longer JSON-RPC lines are
+#: put together from pieces by linefilter.py, up to ``AgentInputLimits.max_message_bytes``.
+STDIO_LINE_LIMIT = 256 * 1024
+#: Where an isolating sandbox mounts the agent's private home (``SandboxSpec.home``).
+AGENT_HOME = "/home/agent"
 #: How many of the agent's last stderr lines are kept to explain a crash.
 STDERR_TAIL_LINES = 40
+#: The whole environment of a host-side launcher (the cgroup-joining ``sh``, ``bwrap``): fixed,
+#: never the agent's (which may name ``LD_PRELOAD``) nor the server's (which may hold secrets).
+LAUNCHER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+#: The cwd of a host-side launcher: nothing relative is resolved against a user's directory.
+LAUNCHER_CWD = "/"
+#: The system part of an agent's PATH (its own bin directory is added): not the server's PATH,
+#: which names the server's own tool chain (pyenv, cargo, a home directory).
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: A portable environment variable name (POSIX); anything else is refused.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def check_command(argv: Sequence[str], env: dict[str, str]) -> None:
+    """Refuse (``SandboxError``) an argv or environment that cannot be passed on as inert data:
+    an empty argv, a NUL byte anywhere, or a variable name that is not ``ENV_NAME``."""
+    def text(value: Any) -> bool:
+        if not isinstance(value, str) or "\x00" in value:
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate
+            return False
+        return True
+
+    if not argv or not all(text(a) for a in argv):
+        raise SandboxError("The command is empty or holds a NUL byte or invalid text")
+    for name, value in env.items():
+        if not isinstance(name, str) or not ENV_NAME.match(name):
+            raise SandboxError("An environment variable has an invalid name")
+        if not text(value):
+            raise SandboxError("An environment variable's value holds a NUL byte or invalid text")
 
 
 @dataclass
@@ -61,7 +102,39 @@ class SandboxSpec:
     ro_paths: list[str] = field(default_factory=list)
     """Extra host paths the agent needs to read (its interpreter, its package)."""
     rw_paths: list[str] = field(default_factory=list)
-    """Extra host paths the agent may write besides the workspace (its per-session home)."""
+    """Extra host paths the agent may write besides the workspace (e.g. the gateway's socket)."""
+    home: str | None = None
+    """Host directory that is the agent's private, writable ``$HOME``. Isolating backends mount
+    it at ``AGENT_HOME`` and set ``HOME`` to that, so the agent never sees where the server keeps
+    it (often under the server account's own home); ``local`` uses it where it is."""
+
+    def sandboxed_env(self, env: dict[str, str] | None = None) -> dict[str, str]:
+        """``env`` (default: the spec's) as a process inside an isolating sandbox gets it: a
+        ``HOME`` naming the host home becomes ``AGENT_HOME``."""
+        out = dict(self.env if env is None else env)
+        if self.home is not None and out.get("HOME") == self.home:
+            out["HOME"] = AGENT_HOME
+        return out
+
+
+@dataclass
+class HostLaunch:
+    """How the server starts one host-side process that runs a command inside a sandbox.
+
+    ``pass_fds`` are inherited by that process (e.g. the memfd bwrap reads its arguments from)
+    and closed in the server by ``close()`` once the process has started.
+    """
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    pass_fds: tuple[int, ...] = ()
+
+    def close(self) -> None:
+        for fd in self.pass_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pass_fds = ()
 
 
 class CommandProcess(Protocol):
@@ -159,7 +232,17 @@ class Sandbox(ABC):
     async def spawn_command(
         self, argv: Sequence[str], *, cwd: str | None, env: dict[str, str] | None
     ) -> CommandProcess:
-        """Run a command inside the sandbox (for ACP terminals), stdout and stderr merged."""
+        """Run a command inside the sandbox (for ACP terminals), stdout and stderr merged.
+
+        ``env`` is added to the spec's environment *inside* the sandbox only; ``cwd`` is a path
+        as the sandbox sees it (``terminals.py`` checks both before they get here). Raises
+        ``OSError`` or ``SandboxError`` when the command cannot be started."""
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    """Read and drop ``stream`` to its end."""
+    while await stream.read(65536):
+        pass
 
 
 def signal_group(pid: int, sig: int) -> None:
@@ -181,33 +264,38 @@ class ProcessSandbox(Sandbox):
         self._stderr_task: asyncio.Task[None] | None = None
 
     @abstractmethod
-    def command(self, argv: Sequence[str], *, cwd: str, env: dict[str, str]) -> list[str]:
-        """The host command line that runs ``argv`` inside this sandbox."""
-
-    def host_env(self, env: dict[str, str]) -> dict[str, str]:
-        """The environment of the host-side process that is started."""
-        return env
+    def launch(self, argv: Sequence[str], *, cwd: str, env: dict[str, str]) -> HostLaunch:
+        """How to start ``argv`` inside this sandbox with exactly ``env`` (the sandboxed
+        process's whole environment) in ``cwd`` (as the sandbox sees it). Raises
+        ``SandboxError`` for values that cannot be passed on (see ``check_command``)."""
 
     async def prepare(self) -> None:
         """Set up what must exist before the process starts (cgroups, directories)."""
 
     async def start(self) -> None:
         await self.prepare()
-        cmd = self.command(self.spec.argv, cwd=self.workspace_path, env=self.spec.env)
+        try:
+            launch = self.launch(self.spec.argv, cwd=self.workspace_path, env=self.spec.env)
+        except BaseException:
+            await self.remove()
+            raise
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *cmd,
+                *launch.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=self.host_env(self.spec.env),
-                cwd=str(self.spec.workspace),
+                env=launch.env,
+                cwd=launch.cwd,
+                pass_fds=launch.pass_fds,
                 start_new_session=True,
                 limit=STDIO_LINE_LIMIT,
             )
         except OSError as e:
             await self.remove()
-            raise SandboxError(f"Could not start the agent {cmd[0]!r}: {e.strerror or e}") from e
+            raise SandboxError(f"Could not start the agent {launch.argv[0]!r}: {e.strerror or e}") from e
+        finally:
+            launch.close()
         self.stdin, self.stdout = self.process.stdin, self.process.stdout
         self._stderr_task = asyncio.create_task(self._drain_stderr(), name="acp-sandbox-stderr")
 
@@ -255,6 +343,11 @@ class ProcessSandbox(Sandbox):
                 await proc.wait()
         # the leader is gone; make sure nothing it left in its group survives
         signal_group(proc.pid, signal.SIGKILL)
+        # read what is left of its stdout to the end: a reader paused by backpressure
+        # (linefilter) would otherwise never see EOF, and its pipe would stay open
+        if proc.stdout is not None:
+            with contextlib.suppress(asyncio.TimeoutError, ConnectionError, ValueError, RuntimeError):
+                await asyncio.wait_for(_drain(proc.stdout), 1.0)
         if self._stderr_task is not None:
             self._stderr_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -264,13 +357,17 @@ class ProcessSandbox(Sandbox):
         self, argv: Sequence[str], *, cwd: str | None, env: dict[str, str] | None
     ) -> CommandProcess:
         merged = {**self.spec.env, **(env or {})}
-        cmd = self.command(argv, cwd=cwd or self.workspace_path, env=merged)
-        return await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=self.host_env(merged),
-            cwd=str(self.spec.workspace),
-            start_new_session=True,
-        )
+        launch = self.launch(argv, cwd=cwd or self.workspace_path, env=merged)
+        try:
+            return await asyncio.create_subprocess_exec(
+                *launch.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=launch.env,
+                cwd=launch.cwd,
+                pass_fds=launch.pass_fds,
+                start_new_session=True,
+            )
+        finally:
+            launch.close()

@@ -11,8 +11,13 @@ The process joins its cgroups *before* it execs bwrap (a one-line ``sh`` wrapper
 pid), so nothing the agent forks ever escapes them. Where the tree is not writable the session
 still starts and ``limits_enforced()`` says which limits are not held.
 
-The environment (which may carry credentials) is the environment of the bwrap process, never
-its argv, so it does not show in ``ps``.
+The launcher (the ``sh`` wrapper and ``bwrap`` itself) runs outside every namespace with the
+server's rights, so nothing the agent chose reaches it as anything but data: it runs with the
+fixed ``LAUNCHER_ENV`` in ``/``, and the sandboxed process's environment (the agent's, or a
+terminal's, which may carry credentials) is set by ``bwrap --clearenv --setenv NAME VALUE``.
+All of bwrap's options, those included, are read from a memfd (``bwrap --args FD``, bubblewrap
+>= 0.5 for ``--clearenv``), so no value shows in ``ps``; only the command's own argv (after
+``--``) is on bwrap's command line, because bwrap reads the command from there.
 """
 
 from __future__ import annotations
@@ -23,11 +28,21 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import ProcessSandbox, SandboxSpec
+from ..errors import SandboxError
+from .base import (
+    AGENT_HOME,
+    LAUNCHER_CWD,
+    LAUNCHER_ENV,
+    HostLaunch,
+    ProcessSandbox,
+    SandboxSpec,
+    check_command,
+)
 
 log = logging.getLogger("jupyter_acp.sandbox")
 
@@ -158,16 +173,42 @@ def _probe() -> tuple[bool, str]:
     exe = shutil.which("bwrap")
     if exe is None:
         return False, "bubblewrap is not installed (Debian: apt-get install bubblewrap)"
-    cmd = [exe, "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
-           *_usr_symlinks(), "--proc", "/proc", "--dev", "/dev", "--uid", str(SANDBOX_UID),
-           "--gid", str(SANDBOX_UID), "--cap-drop", "ALL", "--", "/usr/bin/true"]
+    # the options go through --args and include --clearenv, as every launch's do (bubblewrap >= 0.5)
+    options = ["--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
+               *_usr_symlinks(), "--proc", "/proc", "--dev", "/dev", "--uid", str(SANDBOX_UID),
+               "--gid", str(SANDBOX_UID), "--cap-drop", "ALL", "--clearenv"]
+    fd = _args_fd(options)
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=10, env={})
+        result = subprocess.run([exe, "--args", str(fd), "--", "/usr/bin/true"], capture_output=True,
+                                text=True, timeout=10, env=dict(LAUNCHER_ENV), cwd=LAUNCHER_CWD,
+                                pass_fds=(fd,))
     except (OSError, subprocess.TimeoutExpired) as e:
         return False, f"bwrap does not run here: {e}"
+    finally:
+        os.close(fd)
     if result.returncode != 0:
-        return False, f"bwrap cannot create namespaces here: {result.stderr.strip()[:300]}"
+        return False, f"bwrap cannot create namespaces here (bubblewrap >= 0.5 is needed): " \
+                      f"{result.stderr.strip()[:300]}"
     return True, ""
+
+
+def _args_fd(args: Sequence[str]) -> int:
+    """A readable fd (memfd, else an unlinked temporary file) holding ``args`` NUL-separated,
+    for ``bwrap --args FD``. The caller passes it to bwrap and closes it afterwards."""
+    data = b"".join(a.encode("utf-8", "surrogateescape") + b"\x00" for a in args)
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("jupyter-acp-bwrap-args", os.MFD_CLOEXEC)
+    else:  # pragma: no cover - Linux has memfd_create
+        fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _usr_symlinks() -> list[str]:
@@ -205,9 +246,25 @@ class BubblewrapSandbox(ProcessSandbox):
         limits = self.spec.limits
         self.cgroups.create(limits.mem_limit, limits.cpu_limit, limits.pids_limit)
 
-    def command(self, argv: Sequence[str], *, cwd: str, env: dict[str, str]) -> list[str]:
+    def launch(self, argv: Sequence[str], *, cwd: str, env: dict[str, str]) -> HostLaunch:
+        check_command(argv, env)
+        if "\x00" in cwd:
+            raise SandboxError("The working directory holds a NUL byte")
+        options = self.options(cwd=cwd, env=env)
+        fd = _args_fd(options)
+        cmd = [shutil.which("bwrap") or "bwrap", "--args", str(fd), "--", *argv]
+        procs = self.cgroups.procs_files()
+        if procs:
+            # join every cgroup, then become bwrap: the agent cannot start outside its limits
+            script = ('for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; '
+                      'shift; exec "$@"')
+            cmd = ["/bin/sh", "-c", script, "jupyter-acp-sandbox", *procs, "--", *cmd]
+        return HostLaunch(argv=cmd, env=dict(LAUNCHER_ENV), cwd=LAUNCHER_CWD, pass_fds=(fd,))
+
+    def options(self, *, cwd: str, env: dict[str, str]) -> list[str]:
+        """bwrap's options (everything before ``--``) for a process in ``cwd`` with ``env``."""
         spec = self.spec
-        cmd = [shutil.which("bwrap") or "bwrap", "--unshare-all"]
+        cmd = ["--unshare-all"]
         if spec.limits.network:
             cmd.append("--share-net")
         cmd += ["--die-with-parent", "--new-session", "--hostname", "jupyter-acp",
@@ -223,17 +280,16 @@ class BubblewrapSandbox(ProcessSandbox):
             cmd += ["--ro-bind-try", path, path]
         for path in spec.rw_paths:
             cmd += ["--bind", path, path]
+        if spec.home is not None:
+            cmd += ["--bind", spec.home, AGENT_HOME]
         # last, so that it wins over a read-only path that contains it
         cmd += ["--bind", str(spec.workspace), WORKSPACE, "--remount-ro", "/", "--chdir", cwd,
-                "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL",
-                "--", *argv]
-        procs = self.cgroups.procs_files()
-        if not procs:
-            return cmd
-        # join every cgroup, then become bwrap: the agent cannot start outside its limits
-        script = 'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; ' \
-                 'shift; exec "$@"'
-        return ["/bin/sh", "-c", script, "jupyter-acp-sandbox", *procs, "--", *cmd]
+                "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL"]
+        # the sandboxed process's whole environment: nothing of the launcher's (bwrap sets PWD)
+        cmd.append("--clearenv")
+        for name, value in spec.sandboxed_env(env).items():
+            cmd += ["--setenv", name, value]
+        return cmd
 
     async def wait(self) -> int:
         status = await super().wait()

@@ -58,7 +58,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +69,7 @@ from traitlets import Bool, Dict, Float, Integer, List, MetaHasTraits, TraitErro
 from traitlets.config import LoggingConfigurable
 
 from ..errors import SandboxError
-from .base import STDIO_LINE_LIMIT, CommandProcess, Sandbox, SandboxSpec
+from .base import AGENT_HOME, STDIO_LINE_LIMIT, CommandProcess, Sandbox, SandboxSpec, check_command
 
 log = logging.getLogger("jupyter_acp.sandbox")
 
@@ -171,6 +171,8 @@ def build_create_kwargs(spec: SandboxSpec, settings: DockerSettings, *, name: st
         path = os.path.normpath(path)
         if exists(path):
             bind(path, path, read_only=False)
+    if spec.home is not None:
+        bind(spec.home, AGENT_HOME, read_only=False)
     for path in spec.ro_paths:
         path = os.path.normpath(path)
         if _covered(path, ro_roots) or not exists(path):
@@ -183,7 +185,7 @@ def build_create_kwargs(spec: SandboxSpec, settings: DockerSettings, *, name: st
         "command": list(spec.argv),
         "name": name,
         "labels": dict(labels),
-        "environment": dict(spec.env),
+        "environment": spec.sandboxed_env(),
         "working_dir": workspace_target,
         "user": settings.user,
         "stdin_open": True,
@@ -245,9 +247,16 @@ def exit_status(code: int | None) -> int:
 
 
 async def demultiplex(raw: asyncio.StreamReader, on_stdout: Callable[[bytes], None],
-                      on_stderr: Callable[[bytes], None]) -> None:
-    """Split Docker's multiplexed stream (8-byte header: stream, 0, 0, 0, size big-endian)."""
+                      on_stderr: Callable[[bytes], None],
+                      backpressure: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Split Docker's multiplexed stream (8-byte header: stream, 0, 0, 0, size big-endian).
+
+    ``backpressure`` is awaited before each frame: while it waits, ``raw`` is not read, its
+    buffer fills, its transport pauses, and the agent's writes to stdout block in the container.
+    """
     while True:
+        if backpressure is not None:
+            await backpressure()
         try:
             header = await raw.readexactly(_FRAME_HEADER)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -261,6 +270,48 @@ async def demultiplex(raw: asyncio.StreamReader, on_stdout: Callable[[bytes], No
                 (on_stderr if header[0] == 2 else on_stdout)(partial)
             return
         (on_stderr if header[0] == 2 else on_stdout)(payload)
+
+
+class BoundedReader(asyncio.StreamReader):
+    """The agent's stdout, fed from the attach stream: ``drained()`` waits while more than
+    ``limit`` bytes are unread, so the agent is read at the server's pace (see linefilter) and a
+    flood waits in the container's pipe, not in the server. (``_buffer`` is asyncio's own.)"""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit=limit)
+        self._max = limit
+        self._room = asyncio.Event()
+
+    async def drained(self) -> None:
+        while len(self._buffer) > self._max and not self.at_eof():
+            self._room.clear()
+            await self._room.wait()
+
+    def _took(self) -> None:
+        if len(self._buffer) <= self._max:
+            self._room.set()
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        try:
+            return await super().readuntil(separator)
+        finally:
+            self._took()
+
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            return await super().readexactly(n)
+        finally:
+            self._took()
+
+    async def read(self, n: int = -1) -> bytes:
+        try:
+            return await super().read(n)
+        finally:
+            self._took()
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        self._room.set()
 
 
 # -- talking to the engine ------------------------------------------------------------------------
@@ -861,7 +912,8 @@ class DockerSandbox(Sandbox, LoggingConfigurable, metaclass=_ConfigurableSandbox
             uid, gid = int(uid_s), int(gid_s or uid_s)
         except ValueError:
             return  # a user name: we cannot know its uid here
-        for top in self.spec.rw_paths:  # and what the server wrote there (agent settings, sockets)
+        homes = [self.spec.home] if self.spec.home else []
+        for top in [*self.spec.rw_paths, *homes]:  # and what the server wrote there (settings, sockets)
             for path in [top, *(os.path.join(d, n) for d, dirs, files in os.walk(top) for n in dirs + files)]:
                 with contextlib.suppress(OSError):
                     st = os.lstat(path)
@@ -958,15 +1010,17 @@ class DockerSandbox(Sandbox, LoggingConfigurable, metaclass=_ConfigurableSandbox
             sdk_fallback=lambda: engine.api.attach_socket(cid, params=params))
         self._writer, self._bridge = writer, bridge
         self.stdin = writer
-        self.stdout = asyncio.StreamReader(limit=STDIO_LINE_LIMIT)
+        self.stdout = BoundedReader(limit=STDIO_LINE_LIMIT)
         self._stream_done.clear()
         self._demux = asyncio.create_task(self._pump(reader), name="acp-docker-stdio")
 
     async def _pump(self, raw: asyncio.StreamReader) -> None:
         assert self.stdout is not None
         stdout = self.stdout
+
         try:
-            await demultiplex(raw, stdout.feed_data, self._on_stderr)
+            await demultiplex(raw, stdout.feed_data, self._on_stderr,
+                              stdout.drained if isinstance(stdout, BoundedReader) else None)
         finally:
             if self._stderr_buf:
                 self._stderr_line(self._stderr_buf)
@@ -1094,10 +1148,15 @@ class DockerSandbox(Sandbox, LoggingConfigurable, metaclass=_ConfigurableSandbox
         if self.container_id is None or self._engine is None:
             raise OSError(errno.ESRCH, "the sandbox is not running")
         engine, cid = self._engine, self.container_id
+        merged = self.spec.sandboxed_env({**self.spec.env, **(env or {})})
+        # the exec runs in the container, but "NAME=VALUE" strings must still parse back the same
+        check_command(argv, merged)
+        if cwd is not None and "\x00" in cwd:
+            raise SandboxError("The working directory holds a NUL byte")
         pidfile = f"/tmp/.jupyter-acp-exec-{secrets.token_hex(6)}"
         # record the command's pid (it leads the exec's process group) so that kill() can reach it
         wrapped = ["/bin/sh", "-c", 'echo $$ > "$0" 2>/dev/null; exec "$@"', pidfile, *argv]
-        environment = [f"{k}={v}" for k, v in {**self.spec.env, **(env or {})}.items()]
+        environment = [f"{k}={v}" for k, v in merged.items()]
         user = (self.create_kwargs or {}).get("user") or ""
         try:
             exec_id = (await _run(engine.api.exec_create, cid, wrapped, stdout=True, stderr=True,

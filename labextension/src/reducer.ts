@@ -135,6 +135,9 @@ export interface Frame {
   data?: any;
 }
 
+/** What the chat shows where the server's history had dropped older events. */
+export const TRUNCATED_NOTICE = 'Older messages were dropped by the server';
+
 const num = (v: unknown): number => (typeof v === 'number' && isFinite(v) ? v : 0);
 const str = (v: unknown, fallback = ''): string => (typeof v === 'string' ? v : fallback);
 
@@ -347,6 +350,8 @@ export function reduce(view: SessionView, frame: Frame): SessionView {
         return applyHello(view, data);
       case 'history:end':
         return { ...view, replaying: false };
+      case 'history:truncated': // the replay starts after events the server no longer keeps
+        return { ...view, items: [...view.items, { kind: 'notice', text: TRUNCATED_NOTICE }] };
       case 'error': // a reply to this socket only (bad frame, busy, quota): show it
         return { ...view, items: [...view.items, { kind: 'error', message: str(data.message, 'Error') }] };
       default:

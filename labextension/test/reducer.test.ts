@@ -3,7 +3,16 @@
  */
 import { describe, expect, it } from 'vitest';
 
-import { ChatItem, emptyView, formatTokens, Frame, reduce, reduceAll, SessionView } from '../src/reducer';
+import {
+  ChatItem,
+  emptyView,
+  formatTokens,
+  Frame,
+  reduce,
+  reduceAll,
+  SessionView,
+  TRUNCATED_NOTICE
+} from '../src/reducer';
 
 let seq = 0;
 function ev(type: string, data: any): Frame {
@@ -230,6 +239,20 @@ describe('reduce', () => {
     // and a later event after the replay is applied
     const more = reduce(again, chunk(' three'));
     expect(only(more, 'agent')[0].text).toBe('one two three');
+  });
+
+  it('says once where the server had dropped older events, then replays the rest', () => {
+    seq = 40;
+    const kept = [ev('chat:message', { text: 'later', turn: 9 }), chunk('... [3,145,728 bytes dropped by the server]')];
+    const view = reduceAll(emptyView(), [
+      hello({ last_seq: 42 }),
+      { type: 'history:truncated', data: { dropped: 40, first_seq: 41 } },
+      ...kept,
+      { type: 'history:end', data: { last_seq: 42 } }
+    ]);
+    expect(kinds(view)).toEqual(['notice', 'user', 'agent']);
+    expect(only(view, 'notice')[0].text).toBe(TRUNCATED_NOTICE);
+    expect(view.lastSeq).toBe(42); // (the marker has no seq: resuming starts after the last event)
   });
 
   it('tracks context usage, mode changes and available commands', () => {
