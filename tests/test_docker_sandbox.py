@@ -375,7 +375,7 @@ try:
 except OSError as e:
     print("connect: failed", e)'
         for d in / /usr /etc /opt /workspace /tmp; do
-            if echo x > "$d/probe.txt" 2>/dev/null; then echo "write $d: ok"; else echo "write $d: denied"; fi
+            if echo x 2>/dev/null >"$d/probe.txt"; then echo "write $d: ok"; else echo "write $d: denied"; fi
         done
         echo "id: $(id -u):$(id -g)"
         grep -E '^(CapEff|NoNewPrivs)' /proc/self/status | tr -s '\\t' ' '
@@ -388,7 +388,7 @@ except OSError as e:
         await server.wait_closed()
     assert status == 0, out
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines() if ": " in line)
-    assert {"net", "connect", "id", "shadow"} <= set(lines), out
+    assert {"net", "connect", "id", "shadow", "write /", "write /usr", "write /etc"} <= set(lines), out
     assert lines["net"].split() == ["lo"]
     assert lines["connect"].startswith("failed"), out
     assert lines["write /"] == lines["write /usr"] == lines["write /etc"] == lines["write /opt"] == "denied"
