@@ -248,6 +248,11 @@ class HistoryHandler(AcpHandler):
         self.finish(f'{{"events": [{",".join(session.payloads(since))}], "last_seq": {session.last_seq}}}')
 
 
+#: The largest ``since`` accepted: 2**53, the largest integer a JSON client (JavaScript) holds
+#: exactly, and far more events than a session ever has.
+MAX_SEQ = 2**53
+
+
 def _since(value: str | None) -> int:
     if value is None or value == "":
         return 0
@@ -257,7 +262,10 @@ def _since(value: str | None) -> int:
         raise BadRequest("'since' must be an event sequence number (an integer)") from None
     if since < 0:
         raise BadRequest("'since' must not be negative")
+    if since > MAX_SEQ:
+        raise BadRequest(f"'since' is larger than any event sequence number (at most {MAX_SEQ})")
     return since
+
 
 
 class PermissionHandler(AcpHandler):

@@ -70,6 +70,7 @@ class EventHistory:
         When events after ``since`` have left the history (``max_events``, ``max_bytes``) the
         list starts with a ``history:truncated`` frame (no ``seq``) saying how many."""
         first = self.seq - len(self._log) + 1
+        since = min(since, self.seq)  # (a number past the latest event: nothing is newer)
         kept = list(itertools.islice(self._log, max(0, since + 1 - first), None))
         if since + 1 < first and self.max_events > 0:
             kept.insert(0, json.dumps({"type": "history:truncated",

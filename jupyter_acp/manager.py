@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import shutil
+import string
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import escapism
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Dict, Enum, Float, Instance, Integer, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
@@ -43,6 +46,8 @@ from .sandbox.remote import RemoteAgent
 from .session import AgentSession, SessionOptions, SessionState, TurnResult
 from .usage import TurnUsage, UsageLedger
 
+#: Longest ``cwd`` a session may ask for, and longest name in it (Linux's PATH_MAX, NAME_MAX).
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
 #: Backends tried, best first, when the admin leaves ``sandbox`` empty.
 BACKEND_PREFERENCE = ("docker", "bubblewrap", "local")
 
@@ -81,10 +86,25 @@ class ByteSpecification(Unicode):
         return value
 
 
+#: Characters a username keeps as they are in its directory name; every other one is escaped.
+USERNAME_SAFE = frozenset(string.ascii_letters + string.digits + "_@+")
+
+
 def safe_username(username: str) -> str:
-    """A username as a single path component (``{username}`` in the workspace template)."""
-    safe = re.sub(r"[^A-Za-z0-9._@+-]", "_", username).lstrip(".")
-    return safe or "_"
+    """A username as a single path component (``{username}`` in the workspace template).
+
+    Injective, like JupyterHub's spawners' names: ``escapism`` writes every character outside
+    ``USERNAME_SAFE`` as ``-XX`` (its UTF-8 bytes in hex), so ``张三`` and ``李四``, ``bob`` and
+    ``.bob`` get different directories, and none is ``.``, ``..`` or hidden. A name whose escaped
+    form would pass 200 bytes keeps a readable start and ends in ``--`` and a hash of the whole
+    name (``--`` never occurs in escapism's output, so it cannot meet an unhashed name)."""
+    escaped = escapism.escape(username, safe=USERNAME_SAFE, escape_char="-")
+    if not escaped:
+        return "-"  # (the empty name; escapism never yields a lone "-")
+    if len(escaped) > 200:
+        digest = hashlib.sha256(username.encode(errors="surrogatepass")).hexdigest()[:40]
+        escaped = escaped[:120].rstrip("-0123456789ABCDEF") + "--" + digest
+    return escaped
 
 
 class UserSessionManager(LoggingConfigurable):
@@ -370,6 +390,10 @@ class UserSessionManager(LoggingConfigurable):
             return root
         if not isinstance(cwd, str) or "\x00" in cwd:
             raise BadRequest("cwd must be a path inside your workspace")
+        if len(cwd.encode(errors="surrogatepass")) > MAX_PATH_BYTES or any(
+                len(part.encode(errors="surrogatepass")) > MAX_NAME_BYTES for part in cwd.split("/")):
+            raise BadRequest(f"cwd is too long (at most {MAX_PATH_BYTES} bytes, {MAX_NAME_BYTES} per "
+                             "directory name)")
         # relative: like Jupyter API paths, from the user's root; absolute: must lie inside it
         target = Path(os.path.realpath(root / cwd))
         real_root = Path(os.path.realpath(root))

@@ -355,8 +355,8 @@ async def test_ledger_persists_and_quota_refuses(acp_managers, tmp_path):
 
 def test_workspace_template(acp_managers, tmp_path):
     manager = acp_managers(workspace_template=str(tmp_path / "users" / "{username}"))
-    assert manager.workspace_for("a/../b c", None) == tmp_path / "users" / "a_.._b_c"
-    assert (tmp_path / "users" / "a_.._b_c").is_dir()
+    assert manager.workspace_for("a/../b c", None) == tmp_path / "users" / "a-2F-2E-2E-2Fb-20c"
+    assert (tmp_path / "users" / "a-2F-2E-2E-2Fb-20c").is_dir()
 
 
 def test_limits_from_jupyterhub_env(monkeypatch, acp_managers):

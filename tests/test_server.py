@@ -423,12 +423,16 @@ async def test_bad_input_gets_clear_4xx_errors_and_the_server_keeps_serving(api:
         ("POST", f"sessions/{sid}/messages", None, b"", 400, "JSON object is required"),
         ("POST", "sessions/nope/messages", {"message": "hi"}, None, 404, "nope"),
         ("GET", f"sessions/{sid}/history", None, None, 400, "'since'"),
+        ("GET", f"sessions/{sid}/history?since=" + "9" * 26, None, None, 400, "larger than any event"),
+        ("POST", "sessions", {"cwd": "x" * 100_000}, None, 400, "cwd is too long"),
+        ("POST", "sessions", {"cwd": "a/" + "y" * 300}, None, 400, "cwd is too long"),
         ("POST", f"sessions/{sid}/mode", {"mode_id": "warp"}, None, 400, "Unknown mode"),
         ("POST", f"sessions/{sid}/config", {"config_id": "style"}, None, 400, "'value' is required"),
         ("POST", f"sessions/{sid}/permissions/abc", {}, None, 404, "No pending permission"),
     ]
     for method, path, body, raw, code, words in cases:
-        params = {"since": "soon"} if path.endswith("history") else None
+        path, _, since = path.partition("?since=")
+        params = {"since": since or "soon"} if path.endswith("history") else None
         status, error = await api(method, path, body, raw=raw, params=params)
         assert status == code and words in error["message"], (path, body, raw, status, error)
     # an agent that died: the session is in error and prompting it is refused with the reason
