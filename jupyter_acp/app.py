@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import getpass
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ class AcpExtension(ExtensionApp):
     ).tag(config=True)
 
     def initialize_settings(self) -> None:
+        self._adopt_loggers()
         manager = self.session_manager_class(parent=self, log=self.log)
         if "root_dir" not in self.config.get("UserSessionManager", {}):
             manager.root_dir = self.serverapp.root_dir  # workspaces default to what Jupyter serves
@@ -163,6 +165,18 @@ class AcpExtension(ExtensionApp):
         self.log.info("jupyter-acp %s: agents %s; sandboxes %s", __version__,
                       ", ".join(s.name for s, ok, _ in manager.agents.list_agents() if ok) or "none",
                       ", ".join(b["kind"] for b in manager.backends() if b["available"]) or "none")
+
+    def _adopt_loggers(self) -> None:
+        """Send our modules' loggers (``jupyter_acp.gateway``, ``.session``, ``.sandbox``, ...)
+        to the server's own handlers, at the server's level: they are not children of the
+        server's logger, so their lines (routes opened, quota refusals, sandbox output) were
+        lost, even with ``--debug``. They still propagate, so a handler on the root logger
+        (pytest's, an admin's) sees them as before."""
+        ours = logging.getLogger("jupyter_acp")
+        ours.setLevel(self.log.getEffectiveLevel())
+        self._adopted = [h for h in self.log.handlers if h not in ours.handlers]
+        for handler in self._adopted:
+            ours.addHandler(handler)
 
     def _owner(self) -> str | None:
         """The single user every request acts for, or None to use each request's identity."""
@@ -227,6 +241,8 @@ class AcpExtension(ExtensionApp):
         for task in list(self._tasks):
             task.cancel()
         self.manager.ledger.close()
+        for handler in getattr(self, "_adopted", []):
+            logging.getLogger("jupyter_acp").removeHandler(handler)
 
 
 main = launch_new_instance = AcpExtension.launch_instance

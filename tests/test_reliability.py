@@ -21,6 +21,7 @@ import os
 import signal
 import socket as stdsocket
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,3 +182,19 @@ def test_kill_9_loses_no_committed_usage_and_leaves_no_agent(tmp_path: Path, san
     with harness.jupyter_server(sandbox, workdir=tmp_path) as server:
         after = {user: call(server, "GET", "usage", user)[1] for user in users}
     assert after == before
+
+
+def test_debug_shows_the_extensions_own_log_lines() -> None:
+    """``--debug`` (log level DEBUG) shows what our modules log, e.g. the line filter dropping an
+    agent's junk output: their loggers were not under the server's, so such lines were lost."""
+    junk = {"junk": {"command": [sys.executable, str(Path(__file__).parent / "agents" / "misbehaving.py"),
+                                 "garbage"], "display_name": "Junk", "demo": True}}
+    extra = [f"--AgentConfigManager.agents={junk!r}", "--UserSessionManager.allow_unsandboxed=True",
+             "--ServerApp.log_level=DEBUG"]
+    with harness.jupyter_server("local", extra=extra) as server:
+        status, session = call(server, "POST", "sessions", "alice", {"agent": "junk"})
+        assert status == 201, session
+        status, turn = call(server, "POST", f"sessions/{session['id']}/messages", "alice", {"message": "hi"})
+        assert status == 200, turn
+        log_text = (server["tmp"] / "server.log").read_text()
+    assert "non-JSON-RPC output dropped" in log_text  # jupyter_acp.linefilter, at DEBUG
