@@ -14,7 +14,7 @@ DOCKER_ENV := .docker-env
 PYTEST_ARGS ?=
 JUPYTER_ARGS ?=
 
-.PHONY: run test bench lint venv labext system-deps docker agents jstest clean
+.PHONY: run test bench lint venv labext sandbox-deps system-deps docker agents jstest clean
 
 venv: $(STAMP)
 
@@ -33,15 +33,19 @@ $(LABEXT): $(wildcard labextension/src/*.ts labextension/style/*) labextension/p
 	cd labextension && PATH="$(abspath $(BIN)):$$PATH" jlpm install >/dev/null && PATH="$(abspath $(BIN)):$$PATH" jlpm build
 	@touch $@
 
-# System packages the tests need. Installed when missing and we are root (CI, fresh machines);
-# otherwise the sandbox tests say what is missing (and fail in CI, see .ci/run).
-system-deps:
+# bubblewrap: the sandbox agents run in where there is no Docker engine (without it, the demo
+# agent runs as a plain local process with no terminals). Installed when missing and we are root.
+sandbox-deps:
 	@if ! command -v bwrap >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing bubblewrap"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
-	  else echo "bubblewrap is missing (apt-get install bubblewrap); its tests will be skipped"; fi; \
+	  else echo "bubblewrap is missing (apt-get install bubblewrap); agents run unsandboxed and its tests are skipped"; fi; \
 	fi
+
+# System packages the tests need. Installed when missing and we are root (CI, fresh machines);
+# otherwise the sandbox tests say what is missing (and fail in CI, see .ci/run).
+system-deps: sandbox-deps
 	@if [ ! -x /usr/bin/chromium ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing chromium (for tests/test_browser.py)"; \
@@ -81,7 +85,7 @@ bench: venv system-deps docker
 	for b in sandbox_start relay fanout scale; do echo "== bench/$$b.py"; \
 	  $(BIN)/python bench/$$b.py || exit 1; done
 
-run: venv labext
+run: venv labext sandbox-deps
 	@echo "Starting JupyterLab with jupyter-acp (open the URL below; the demo agent needs no setup)"
 	$(BIN)/jupyter lab $$( [ "$$(id -u)" = 0 ] && echo --allow-root ) $(JUPYTER_ARGS)
 
