@@ -45,9 +45,8 @@ from .sandbox.base import SYSTEM_PATH, ResourceLimits, Sandbox, SandboxSpec
 from .sandbox.remote import RemoteAgent
 from .session import AgentSession, SessionOptions, SessionState, TurnResult
 from .usage import TurnUsage, UsageLedger
+from .workspace_fs import NAME_MAX, PATH_MAX
 
-#: Longest ``cwd`` a session may ask for, and longest name in it (Linux's PATH_MAX, NAME_MAX).
-MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
 #: Backends tried, best first, when the admin leaves ``sandbox`` empty.
 BACKEND_PREFERENCE = ("docker", "bubblewrap", "local")
 
@@ -390,9 +389,9 @@ class UserSessionManager(LoggingConfigurable):
             return root
         if not isinstance(cwd, str) or "\x00" in cwd:
             raise BadRequest("cwd must be a path inside your workspace")
-        if len(cwd.encode(errors="surrogatepass")) > MAX_PATH_BYTES or any(
-                len(part.encode(errors="surrogatepass")) > MAX_NAME_BYTES for part in cwd.split("/")):
-            raise BadRequest(f"cwd is too long (at most {MAX_PATH_BYTES} bytes, {MAX_NAME_BYTES} per "
+        if len(cwd.encode(errors="surrogatepass")) > PATH_MAX or any(
+                len(part.encode(errors="surrogatepass")) > NAME_MAX for part in cwd.split("/")):
+            raise BadRequest(f"cwd is too long (at most {PATH_MAX} bytes, {NAME_MAX} per "
                              "directory name)")
         # relative: like Jupyter API paths, from the user's root; absolute: must lie inside it
         target = Path(os.path.realpath(root / cwd))

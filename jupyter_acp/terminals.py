@@ -42,6 +42,7 @@ from .errors import SandboxError
 from .limits import AgentInputLimits
 from .refusals import RefusalLog
 from .sandbox.base import ENV_NAME, signal_group
+from .workspace_fs import PATH_MAX
 
 if TYPE_CHECKING:
     from .sandbox.base import CommandProcess, Sandbox
@@ -56,8 +57,8 @@ MAX_ARGV_BYTES = 256 * 1024
 MAX_ENV_VARS = 256
 #: Bytes of those variables' names and values together (UTF-8).
 MAX_ENV_BYTES = 256 * 1024
-#: Bytes of the working directory (Linux's PATH_MAX).
-MAX_CWD_BYTES = 4096
+#: Bytes of the working directory.
+MAX_CWD_BYTES = PATH_MAX
 #: Bytes read from a terminal's output at a time.
 READ_CHUNK = 65536
 

@@ -65,7 +65,7 @@ Errors
     Every failure is a ``RequestError``: -32002 when the file does not exist, else -32602 with a
     short reason. Messages and data name only the path as the agent sent it (cut to 200
     characters), never a host path, and no traceback is logged. Each refusal is logged as one
-    warning line, at most ``LOG_BURST`` per session a minute, then a count.
+    warning line through the session's ``refusals.RefusalLog``: a burst a minute, then a count.
 
 Linux only (``O_PATH``, ``/proc/self/fd``), like the sandboxes themselves.
 """
@@ -80,7 +80,6 @@ import os
 import secrets
 import stat
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +88,7 @@ from typing import Any, TypeVar
 from acp.exceptions import RequestError
 
 from .limits import AgentInputLimits
+from .refusals import RefusalLog
 
 log = logging.getLogger("jupyter_acp.workspace_fs")
 
@@ -102,9 +102,6 @@ MAX_SYMLINKS = 40
 """Symlinks followed in one request (the kernel's own limit)."""
 SHOWN_PATH_CHARS = 200
 """How much of the agent's path an error message or log line repeats."""
-LOG_BURST = 10
-"""Refusals logged per session and minute; the rest are counted."""
-LOG_WINDOW = 60.0
 
 _O_PATH = getattr(os, "O_PATH", 0)
 _CLOEXEC = os.O_CLOEXEC
@@ -279,13 +276,12 @@ class WorkspaceFS:
     """Serves the agent's ``fs/*`` requests inside ``host_root``; see the module docstring."""
 
     def __init__(self, host_root: Path | str, agent_root: str, limits: AgentInputLimits | None = None,
-                 *, label: str = "", refusals: Any = None, fsync: bool = False) -> None:
+                 *, label: str = "", refusals: RefusalLog | None = None, fsync: bool = False) -> None:
         self.host_root = os.path.realpath(host_root)
         self.agent_root = agent_root
         self.limits = limits or AgentInputLimits()
-        self.label = label
-        #: a shared rate-limited log of the session's refusals (``refusals.RefusalLog``), if any
-        self.refusals = refusals
+        #: the session's rate-limited log of refusals (shared with its terminals), else our own
+        self.refusals: RefusalLog = refusals or RefusalLog(label or "?", logger=log)
         self.fsync = fsync
         # the root as the agent names it, and as the host does (a link made by the user on the
         # host, or by a local agent); either way the rest is walked beneath the root descriptor
@@ -300,9 +296,6 @@ class WorkspaceFS:
             self._request_roots.append(_split(self.host_root))
         self._slots_lock = threading.Lock()
         self._in_flight = 0
-        self._log_window = 0.0
-        self._logged = 0
-        self._unlogged = 0
 
     # -- the agent's path --------------------------------------------------------------------
     def _beneath_root(self, parts: list[str], *, request: bool = False) -> list[str] | None:
@@ -346,21 +339,7 @@ class WorkspaceFS:
         return RequestError(-32602, f"Access denied: {refused.why}", {"path": shown, "reason": refused.why})
 
     def _log_refusal(self, shown: str, why: str) -> None:
-        if self.refusals is not None:
-            self.refusals.warning("file access to %r refused: %s", shown, why)
-            return
-        now = time.monotonic()
-        if now - self._log_window >= LOG_WINDOW:
-            if self._unlogged:
-                log.warning("%d more agent file-access refusals%s were not logged in the last minute",
-                            self._unlogged, f" in session {self.label}" if self.label else "")
-            self._log_window, self._logged, self._unlogged = now, 0, 0
-        if self._logged < LOG_BURST:
-            self._logged += 1
-            log.warning("Refused agent file access%s to %r: %s",
-                        f" in session {self.label}" if self.label else "", shown, why)
-        else:
-            self._unlogged += 1
+        self.refusals.warning("file access to %r refused: %s", shown, why)
 
     def _release(self) -> None:
         with self._slots_lock:

@@ -130,6 +130,16 @@ class HostLaunch:
     cwd: str
     pass_fds: tuple[int, ...] = ()
 
+    async def run(self, **stdio: Any) -> asyncio.subprocess.Process:
+        """Start the process (its own session, so TERM/KILL reach its whole group) with the
+        ``stdio`` keyword arguments of ``asyncio.create_subprocess_exec``; ``close()`` after."""
+        try:
+            return await asyncio.create_subprocess_exec(
+                *self.argv, env=self.env, cwd=self.cwd, pass_fds=self.pass_fds,
+                start_new_session=True, **stdio)
+        finally:
+            self.close()
+
     def close(self) -> None:
         for fd in self.pass_fds:
             with contextlib.suppress(OSError):
@@ -280,22 +290,11 @@ class ProcessSandbox(Sandbox):
             await self.remove()
             raise
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                *launch.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=launch.env,
-                cwd=launch.cwd,
-                pass_fds=launch.pass_fds,
-                start_new_session=True,
-                limit=STDIO_LINE_LIMIT,
-            )
+            self.process = await launch.run(stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                            stderr=asyncio.subprocess.PIPE, limit=STDIO_LINE_LIMIT)
         except OSError as e:
             await self.remove()
             raise SandboxError(f"Could not start the agent {launch.argv[0]!r}: {e.strerror or e}") from e
-        finally:
-            launch.close()
         self.stdin, self.stdout = self.process.stdin, self.process.stdout
         self._stderr_task = asyncio.create_task(self._drain_stderr(), name="acp-sandbox-stderr")
 
@@ -358,16 +357,5 @@ class ProcessSandbox(Sandbox):
     ) -> CommandProcess:
         merged = {**self.spec.env, **(env or {})}
         launch = self.launch(argv, cwd=cwd or self.workspace_path, env=merged)
-        try:
-            return await asyncio.create_subprocess_exec(
-                *launch.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=launch.env,
-                cwd=launch.cwd,
-                pass_fds=launch.pass_fds,
-                start_new_session=True,
-            )
-        finally:
-            launch.close()
+        return await launch.run(stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                stderr=asyncio.subprocess.STDOUT)
