@@ -122,7 +122,7 @@ class SdkTracebackFilter(logging.Filter):
         if not (isinstance(record.msg, str) and record.msg.startswith(self.PREFIXES)):
             return True
         error = record.exc_info[1] if record.exc_info else None
-        self.refusals.warning("%s (%s: %s)", record.getMessage(), type(error).__name__,
+        self.refusals.warning("%r (%s: %r)", record.getMessage(), type(error).__name__,
                               str(error)[:200])
         return False
 

@@ -94,3 +94,17 @@ async def test_a_storm_of_bad_requests_is_refused_quietly(acp_managers, caplog):
     assert len(lines) <= 25, lines[:30]
     assert not any(host_root in line for line in lines), lines[:5]
     await still_works(attacker)
+
+
+async def test_agent_text_cannot_forge_log_lines(acp_managers, caplog):
+    """What the agent names (a method, a path) is logged quoted: a newline in it cannot start a
+    line of its own that an admin would take for the server's."""
+    caplog.set_level(logging.DEBUG)
+    attacker = await make_attacker(acp_managers, "local")
+    await attacker("notify", method="no/such\nFORGED: admin logged in", params={})
+    await attacker("raw", method="fs/read_text_file", params={"path": "/etc\nFORGED: key=sk-1"})
+    await asyncio.sleep(0.2)
+    assert not any("\nFORGED" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records if "FORGED" in r.getMessage()]
+    assert any("FORGED" in r.getMessage() for r in caplog.records)  # logged, but quoted
+    await still_works(attacker)
