@@ -2,9 +2,9 @@
 #
 #   make run    venv + package + JupyterLab, then start it with the extension and the demo agent
 #   make test   venv + test extras + system packages (bubblewrap, a Docker engine when root),
-#               ruff, then the whole suite
+#               ruff and mypy, then the whole suite
 #   make bench  the side-by-side benchmarks in bench/
-#   make lint   ruff only
+#   make lint   ruff, then mypy (settings in pyproject.toml's [tool.mypy])
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -52,6 +52,12 @@ system-deps: sandbox-deps
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing (apt-get install chromium); the browser test will be skipped"; fi; \
 	fi
+	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing postgresql (for tests/test_ledger_faults.py: the ledger on a real server)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "postgresql is missing (apt-get install postgresql); its ledger test will be skipped"; fi; \
+	fi
 
 # A Docker engine and the locally built sandbox image (no registry is ever contacted).
 # scripts/docker-engine prints the DOCKER_HOST to use as its last line.
@@ -75,6 +81,7 @@ jstest: venv
 
 lint: venv
 	$(BIN)/ruff check jupyter_acp tests bench
+	$(BIN)/python -m mypy
 
 test: venv labext system-deps docker agents lint jstest
 	@if [ -f $(DOCKER_ENV) ]; then . ./$(DOCKER_ENV); fi; \
@@ -90,4 +97,4 @@ run: venv labext sandbox-deps
 	$(BIN)/jupyter lab $$( [ "$$(id -u)" = 0 ] && echo --allow-root ) $(JUPYTER_ARGS)
 
 clean:
-	rm -rf $(VENV) $(DOCKER_ENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DOCKER_ENV) .pytest_cache .ruff_cache .mypy_cache

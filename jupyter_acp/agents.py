@@ -23,13 +23,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Dict, List, Unicode, default
+from traitlets import Bool, Dict, List, Unicode, default, observe
 from traitlets.config import LoggingConfigurable
 
+from .credentials import CREDENTIAL_FIELDS, Credentials, Secret, as_secret, problems, resolve_all
 from .errors import AgentNotFound, AgentUnavailable
-
-#: Credential fields a user (or admin) may supply; the seed design's ``UserCredentials``.
-CREDENTIAL_FIELDS = ("type", "api_key", "base_url", "model", "access_token", "refresh_token")
+from .logredact import SECRET_KEY_RE, register
 
 #: How permissive an agent's mode (ACP ``session/set_mode``) is, on one scale for every agent:
 #: 0 changes nothing (plan, read-only); 1 asks before edits and commands; 2 edits without asking
@@ -395,10 +394,14 @@ class AgentConfigManager(LoggingConfigurable):
         help="Names of agents (built-in or from entry points) that are never offered.",
     ).tag(config=True)
 
-    credentials = Dict(
+    credentials = Credentials(
         help="""Admin-supplied default credentials per agent name, e.g.
-        ``{"qwen": {"api_key": "...", "base_url": "...", "model": "..."}}``. They reach only
-        the agent process environment, never a log or an API response.""",
+        ``{"qwen": {"api_key": {"env": "DASHSCOPE_API_KEY"}, "base_url": "...", "model": "..."}}``.
+        A field's value is the value itself, or a reference read at every session start:
+        ``{"env": "NAME"}`` (an environment variable of the server) or ``{"file": "/abs/path"}``
+        (a trailing newline is dropped; a rotated file is used by the next session). Prefer a
+        reference: the key then never enters the configuration. Values reach only the LLM
+        gateway or the agent process environment, never a log or an API response.""",
     ).tag(config=True)
 
     user_credential_fields = List(
@@ -425,6 +428,16 @@ class AgentConfigManager(LoggingConfigurable):
     @default("extra_paths")
     def _default_extra_paths(self) -> list[str]:
         return []
+
+    @observe("agents")
+    def _register_env_secrets(self, change: Any) -> None:
+        """A key the admin put in an agent's ``env`` (``OPENAI_API_KEY``, ``*_TOKEN``, ...) is
+        masked in every log line, like ``credentials`` (config dumps mask every ``env`` value)."""
+        for data in (change.new or {}).values():
+            env = data.get("env") if isinstance(data, dict) else None
+            for name, value in (env if isinstance(env, dict) else {}).items():
+                if SECRET_KEY_RE.match(str(name)):
+                    register(value)
 
     _plugins: list[tuple[str, Any]] | None = None
 
@@ -515,7 +528,10 @@ class AgentConfigManager(LoggingConfigurable):
         return candidates[0]
 
     def credentials_for(self, spec: AgentSpec, user_credentials: dict[str, str] | None) -> dict[str, str]:
-        """Admin defaults overlaid with the user's own values (which win where given)."""
+        """Admin defaults overlaid with the user's own values (which win where given).
+
+        Values are ``Secret``s (masked by ``repr``). The user's are not registered for log
+        redaction (see ``logredact``): nothing logs them."""
         merged = self.admin_credentials(spec)
         for key, value in (user_credentials or {}).items():
             if key not in CREDENTIAL_FIELDS:
@@ -524,14 +540,19 @@ class AgentConfigManager(LoggingConfigurable):
                 raise ValueError(f"Your admin does not let users set the credential {key!r} "
                                  f"(allowed: {', '.join(self.user_credential_fields) or 'none'})")
             if value:
-                merged[key] = value
+                merged[key] = Secret(value)
         return merged
 
     def admin_credentials(self, spec: AgentSpec) -> dict[str, str]:
-        """The admin's defaults for ``spec``: ``credentials[name]``, then the server's env if allowed."""
-        merged = {k: str(v) for k, v in dict(self.credentials.get(spec.name, {})).items() if v}
+        """The admin's defaults for ``spec``: ``credentials[name]`` with references read now
+        (``CredentialUnavailable`` when one cannot be), then the server's env if allowed."""
+        merged = resolve_all(spec.name, self.credentials.get(spec.name, {}))
         if self.credentials_from_env:
             for key, var in spec.credential_env.items():
                 if key not in merged and os.environ.get(var):
-                    merged[key] = os.environ[var]
+                    merged[key] = as_secret(key, os.environ[var])
         return merged
+
+    def credential_problems(self) -> list[str]:
+        """Admin references that cannot be read now (for a warning when the server starts)."""
+        return problems(self.credentials)

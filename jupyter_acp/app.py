@@ -23,7 +23,7 @@ from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from traitlets import Bool, Enum, Integer, List, Type, Unicode, default
 
-from . import __version__
+from . import __version__, logredact
 from .agents import AgentConfigManager
 from .gateway import LlmGateway
 from .handlers import handlers
@@ -31,6 +31,11 @@ from .limits import return_large_blocks_to_the_os
 from .manager import UserSessionManager
 from .sandbox.bubblewrap import BubblewrapSandbox
 from .usage import UsageLedger
+
+# Credentials never reach a log line from here on (see ``logredact``). jupyter_server imports
+# this module (``_jupyter_server_extension_points``) before it links any extension app, and each
+# of them logs the whole config at debug level as it links.
+logredact.install()
 
 EVENTS_DIR = Path(__file__).parent / "events"
 #: The audit event schemas (``jupyter_acp/events/*.yaml``), by the manager's event name.
@@ -140,6 +145,9 @@ class AcpExtension(ExtensionApp):
     ).tag(config=True)
 
     def initialize_settings(self) -> None:
+        # set by ExtensionApp._link_jupyter_server_extension before it calls this (and so before
+        # the manager's callbacks can run); jupyter_server itself asserts the same
+        assert self.serverapp is not None
         self._adopt_loggers()
         manager = self.session_manager_class(parent=self, log=self.log)
         if "root_dir" not in self.config.get("UserSessionManager", {}):
@@ -162,9 +170,26 @@ class AcpExtension(ExtensionApp):
             acp_max_request_bytes=self.max_request_bytes,
             acp_max_socket_buffer_bytes=self.max_socket_buffer_bytes,
         )
+        self._check_credentials(manager.agents)
         self.log.info("jupyter-acp %s: agents %s; sandboxes %s", __version__,
                       ", ".join(s.name for s, ok, _ in manager.agents.list_agents() if ok) or "none",
                       ", ".join(b["kind"] for b in manager.backends() if b["available"]) or "none")
+
+    def _check_credentials(self, agents: AgentConfigManager) -> None:
+        """Say at start what would refuse sessions later (an unset variable, an unreadable
+        file), and whether inline keys may have been logged before jupyter-acp was loaded."""
+        for problem in agents.credential_problems():
+            self.log.warning("jupyter-acp: %s", problem)
+        exposed = logredact.exposed_before_install
+        assert self.serverapp is not None  # (called from initialize_settings)
+        if exposed and self.serverapp.log.isEnabledFor(logging.DEBUG):
+            self.log.warning(
+                "jupyter-acp: the server may have logged inline keys of "
+                "c.AgentConfigManager.credentials (%s) at debug level before jupyter-acp was "
+                "loaded to mask them (traitlets logs the server's config as it reads it). Give "
+                "them by reference ({'env': NAME} or {'file': PATH}) or as "
+                "Secret('...') from jupyter_acp.credentials; see docs/security.md.",
+                ", ".join(exposed))
 
     def _adopt_loggers(self) -> None:
         """Send our modules' loggers (``jupyter_acp.gateway``, ``.session``, ``.sandbox``, ...)
@@ -220,6 +245,7 @@ class AcpExtension(ExtensionApp):
         from jupyter_server._tz import utcnow
 
         now = utcnow()
+        assert self.serverapp is not None  # (the manager calls this once initialize_settings ran)
         settings = self.serverapp.web_app.settings  # (self.settings was merged into it at start)
         settings["acp_last_activity"] = now
         settings.setdefault("last_activity_times", {})["acp"] = now  # ServerApp.last_activity()

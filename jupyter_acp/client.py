@@ -16,10 +16,11 @@ SDK's router, which is what those agents expect.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from acp import schema
 from acp.exceptions import RequestError
+from acp.interfaces import Client
 
 from .limits import AgentInputLimits
 from .refusals import RefusalLog, guard_agent_calls, install_sdk_filter
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("jupyter_acp.client")
 
 
-class SessionHost:
+class SessionHost(Protocol):
     """What the client needs from its session (implemented by ``AgentSession``)."""
 
     async def on_session_update(self, update: Any, meta: dict[str, Any] | None) -> None: ...
@@ -116,3 +117,30 @@ class AcpClient:
 
     async def ext_notification(self, method: str, params: dict[str, Any]) -> None:
         log.debug("Ignoring agent extension notification %s", method)
+
+    def as_sdk_client(self) -> Client:
+        """This client as the SDK's ``acp.Client`` protocol, for ``connect_to_agent``.
+
+        That protocol also lists ``on_connect`` and the unstable elicitation methods, which the
+        SDK's router looks up with ``getattr`` and, when absent, answers "method not found" (or
+        skips). We leave them out on purpose: with the stable protocol, merely defining an
+        elicitation handler makes the SDK warn on every such request, and pytest's warnings-as-
+        errors turn the answer into an internal error (tests/test_hostile_protocol.py). Every
+        other member's signature is checked against the protocol by ``_checked`` below."""
+        return cast(Client, self)
+
+
+if TYPE_CHECKING:
+    class _CheckedClient(AcpClient):
+        """``AcpClient`` plus exactly the members ``as_sdk_client`` says it may lack: mypy
+        checks that this satisfies ``acp.Client``, i.e. that the rest of AcpClient does."""
+
+        async def create_elicitation(self, message: str, mode: Any,
+                                     **kwargs: Any) -> schema.CreateElicitationResponse: ...
+
+        async def complete_elicitation(self, elicitation_id: str, **kwargs: Any) -> None: ...
+
+        def on_connect(self, conn: Any) -> None: ...
+
+    def _checked(client: _CheckedClient) -> Client:
+        return client

@@ -7,6 +7,11 @@ never a credential). Handlers turn them into JSON errors; the kernel magics prin
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .agents import AgentSpec
+
 
 class AcpError(Exception):
     """Base class: ``status`` is the HTTP status the API answers with."""
@@ -112,3 +117,25 @@ class ModeNotAllowed(AcpError):
     """The agent mode asked for is one the admin's permission policy does not allow."""
 
     status = 403
+
+
+def agent_refusal(spec: AgentSpec, code: int, data: Any, text: str, what: str) -> AgentError:
+    """What to tell the user when the agent answers ``what`` with a JSON-RPC error.
+
+    ACP's -32000 is "authentication required": say which credential fields to pass and which
+    setting an admin uses, never just the agent's terse message."""
+    if code == -32000:
+        env = spec.credential_env
+        action = {"session/new": "start a session", "session/load": "resume the session",
+                  "initialize": "start"}.get(what, what)
+        extra = [k for k in ("base_url", "model") if k in env]
+        also = f" (and {', '.join(map(repr, extra))} for another endpoint)" if extra else ""
+        reads = ", ".join(env[k] for k in ("api_key", *extra) if k in env)
+        return AuthenticationRequired(
+            f"{spec.display_name} needs an API key to {action}: pass 'api_key'{also} in the "
+            f"credentials when you start the session, or ask your admin to set "
+            f"c.AgentConfigManager.credentials[{spec.name!r}]"
+            + (f" (the agent reads {reads})" if reads else "")
+        )
+    detail = data.get("details") if isinstance(data, dict) else None
+    return AgentError(f"The agent refused {what}: {text}" + (f" ({detail})" if detail else ""))

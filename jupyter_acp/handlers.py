@@ -1,9 +1,10 @@
 """REST and WebSocket handlers of ``{base_url}api/acp/`` (the contract: docs/api.md, openapi.yaml).
 
 Every handler works for the Jupyter identity of the request (``current_user.username``) and only
-sees that user's sessions: another user's session id answers 404 exactly like an unknown one, so
-ids leak nothing. ``AcpError``s become JSON errors with their status and a message written for
-the user; anything else is a logged 500 without details.
+sees that user's sessions: another user's session id answers 404 exactly like an unknown one (the
+socket: close code 4404, same reason), so ids leak nothing. ``AcpError``s become JSON errors
+with their status and a message written for the user; anything else is a logged 500 without
+details.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tornado import web, websocket
 
 from .errors import AcpError, BadRequest, SessionBusy, SessionNotFound
 from .manager import UserSessionManager
-from .session import AgentSession
+from .session import AgentSession, SessionState
 from .usage import utc_day
 
 AUTH_RESOURCE = "acp"
@@ -32,7 +33,32 @@ AUTH_RESOURCE = "acp"
 REPLAY_BATCH = 500
 SESSION_ID = r"(?P<session_id>[^/]+)"
 
+# The bounds of what a request may carry. openapi.yaml states each one (``maxLength``,
+# ``x-maxBytes``, ``maxItems``); tests/test_fuzz_bounds.py checks that the numbers agree and
+# probes each bound from both sides against a running server.
+#: The longest id or name: a session or permission request id (the server's: 32 and 16 hex
+#: digits), an agent, mode, config option or value, permission option or capability (short words
+#: of the agent's). Past it a request is refused, so that no error quotes a megabyte back.
+MAX_ID_CHARS = 256
+#: The largest credential value (a key, a token, a URL): it goes into the agent's environment,
+#: where Linux refuses one string over 128 KiB (MAX_ARG_STRLEN) with a failed start.
+MAX_CREDENTIAL_BYTES = 16 * 1024
+#: The most capabilities a new session may ask for (an agent lists a handful).
+MAX_CAPABILITIES = 32
+#: The longest error message an answer carries: a longer one (quoting a 4 KiB cwd, an id of the
+#: URL) is cut in the middle, keeping its start and its explanation at the end.
+MAX_ERROR_CHARS = 1000
+
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def shorten(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``message`` within ``limit`` characters, cut in the middle."""
+    if len(message) <= limit:
+        return message
+    marker = " [...] "
+    head = (limit - len(marker)) * 2 // 3
+    return message[:head] + marker + message[len(message) - (limit - len(marker) - head):]
 
 
 def acp_errors(method: F) -> F:
@@ -43,7 +69,8 @@ def acp_errors(method: F) -> F:
         try:
             return await method(self, *args, **kwargs)
         except AcpError as e:
-            raise web.HTTPError(e.status, e.message, reason=None) from None  # (no args: "%" stays as is)
+            # (no args: "%" stays as is; short: the message may quote the input, and is logged)
+            raise web.HTTPError(e.status, shorten(e.message), reason=None) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -67,6 +94,13 @@ class AcpMixin(ExtensionHandlerMixin):
 
     def user_session(self, session_id: str) -> AgentSession:
         return self.manager.get_user_session(self.username, session_id)
+
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        """Path and query arguments as text, bytes that are not UTF-8 replaced (U+FFFD) instead
+        of refused: tornado's refusal is an HTTPError raised wherever the argument is read, which
+        for a socket's ``?since=`` is after the upgrade (the socket was dropped without a close
+        frame). A replaced id is an unknown session (404), a replaced ``since`` not a number (400)."""
+        return value.decode("utf-8", errors="replace")
 
     def session_model(self, session: AgentSession) -> dict[str, Any]:
         model = session.stats()
@@ -100,9 +134,9 @@ class AcpHandler(AcpMixin, APIHandler):
         """JSON errors like APIHandler's, with the message as written: tornado's ``log_message``
         doubles every "%" of an HTTPError without args (``get_message`` does not)."""
         exc = (kwargs.get("exc_info") or (None, None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.get_message():
+        if isinstance(exc, web.HTTPError) and (message := exc.get_message()):
             self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"message": exc.get_message(), "reason": exc.reason}))
+            self.finish(json.dumps({"message": shorten(message), "reason": exc.reason}))
             return
         super().write_error(status_code, **kwargs)
 
@@ -112,7 +146,9 @@ class AcpHandler(AcpMixin, APIHandler):
 
 
 def _field(data: dict[str, Any], key: str, kind: type | tuple[type, ...], *, required: bool = False,
-           what: str = "") -> Any:
+           what: str = "", max_chars: int | None = MAX_ID_CHARS) -> Any:
+    """``data[key]`` if it is of ``kind`` (null is absent); a string is checked by ``_text``
+    (``max_chars``: most are ids or names; None leaves the length to the caller)."""
     value = data.get(key)
     if value is None:
         if required:
@@ -123,6 +159,25 @@ def _field(data: dict[str, Any], key: str, kind: type | tuple[type, ...], *, req
         names = names.replace("str", "a string").replace("bool", "a boolean").replace("dict", "an object")
         names = names.replace("list", "a list")
         raise BadRequest(f"The field {key!r} must be {names}")
+    if isinstance(value, str):
+        _text(value, f"The field {key!r}", max_chars)
+    return value
+
+
+def _text(value: str, what: str, max_chars: int | None = MAX_ID_CHARS, max_bytes: int | None = None) -> str:
+    """An id, name, path or credential: valid Unicode without NUL, within its bounds. JSON can
+    carry a lone surrogate (``"\\ud800"``) and NUL, which no name has and which fail where the
+    text meets the OS (a path, the agent's environment) with a 500 or a failed start."""
+    if max_chars is not None and len(value) > max_chars:
+        raise BadRequest(f"{what} is longer than {max_chars} characters")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
+    if max_bytes is not None and size > max_bytes:
+        raise BadRequest(f"{what} is larger than {max_bytes} bytes")
+    if "\x00" in value:
+        raise BadRequest(f"{what} must not contain a NUL character")
     return value
 
 
@@ -182,11 +237,18 @@ class SessionsHandler(AcpHandler):
         credentials = _field(data, "credentials", dict)
         if credentials and not all(isinstance(k, str) and isinstance(v, str) for k, v in credentials.items()):
             raise BadRequest("credentials must map names to string values")
+        for name, value in (credentials or {}).items():  # (names: the manager knows them)
+            _text(value, f"The credential {_text(name, 'A credential name')!r}", None, MAX_CREDENTIAL_BYTES)
         capabilities = _field(data, "capabilities", list)
         if capabilities and not all(isinstance(c, str) for c in capabilities):
             raise BadRequest("capabilities must be a list of strings")
+        if capabilities and len(capabilities) > MAX_CAPABILITIES:
+            raise BadRequest(f"At most {MAX_CAPABILITIES} capabilities may be asked for")
+        for capability in capabilities or ():
+            _text(capability, "A capability")
         session = await self.manager.create_user_session(
-            self.username, _field(data, "agent", str), cwd=_field(data, "cwd", str),
+            # (cwd: the manager bounds it in bytes, PATH_MAX and NAME_MAX)
+            self.username, _field(data, "agent", str), cwd=_field(data, "cwd", str, max_chars=None),
             credentials=credentials, new=bool(_field(data, "new", bool)), capabilities=capabilities)
         self.write_json(self.session_model(session), status=201)
 
@@ -242,7 +304,7 @@ class HistoryHandler(AcpHandler):
     @acp_errors
     async def get(self, session_id: str) -> None:
         session = self.user_session(session_id)
-        since = _since(self.get_argument("since", None))
+        since = _since(self.get_argument("since", None, strip=False))
         # the events' JSON is kept as sent: splice it in rather than parse and re-encode it
         self.set_header("Content-Type", "application/json")
         self.finish(f'{{"events": [{",".join(session.payloads(since))}], "last_seq": {session.last_seq}}}')
@@ -254,17 +316,17 @@ MAX_SEQ = 2**53
 
 
 def _since(value: str | None) -> int:
+    """``?since=``: decimal digits, at most ``MAX_SEQ`` (empty: 0). Not Python's ``int()``,
+    which also takes signs, spaces, "1_0" and any script's digits ("٣")."""
     if value is None or value == "":
         return 0
-    try:
-        since = int(value)
-    except ValueError:
-        raise BadRequest("'since' must be an event sequence number (an integer)") from None
-    if since < 0:
+    if value.startswith("-") and value[1:].isascii() and value[1:].isdigit():
         raise BadRequest("'since' must not be negative")
-    if since > MAX_SEQ:
+    if not (value.isascii() and value.isdigit()):
+        raise BadRequest("'since' must be an event sequence number (an integer)")
+    if len(value.lstrip("0")) > len(str(MAX_SEQ)) or int(value) > MAX_SEQ:
         raise BadRequest(f"'since' is larger than any event sequence number (at most {MAX_SEQ})")
-    return since
+    return int(value)
 
 
 
@@ -309,8 +371,26 @@ class ConfigHandler(AcpHandler):
         data = self.json_body()
         config_id = _field(data, "config_id", str, required=True)
         value = _field(data, "value", (str, bool), required=True)
+        _check_choice(session.config_options, config_id, value)
         await session.set_config_option(config_id, value)
         self.write_json({"config_options": session.config_options})
+
+
+def _check_choice(options: list[dict[str, Any]], config_id: str, value: str | bool) -> None:
+    """A value of a select option must be one of its choices: the agent would refuse another
+    with an "invalid params" error, a 502 for what is the user's mistake. (An unknown
+    ``config_id``, or an option of another kind, is left to the session and the agent.)"""
+    option = next((o for o in options if o.get("id") == config_id), None)
+    if option is None or option.get("type") != "select" or not isinstance(option.get("options"), list):
+        return
+    choices = []
+    for entry in option["options"]:  # (choices, or groups of them)
+        group = entry.get("options") if isinstance(entry, dict) else None
+        members = group if isinstance(group, list) else [entry]
+        choices += [c.get("value") for c in members if isinstance(c, dict)]
+    if value not in choices:
+        raise BadRequest(f"{value!r} is not a choice of {config_id!r}; choose one of: "
+                         f"{', '.join(str(c) for c in choices)}")
 
 
 class UsageHandler(AcpHandler):
@@ -334,16 +414,22 @@ class UsageHandler(AcpHandler):
             raise web.HTTPError(403, "Only an admin may read other users' usage")
         who = None if everyone else user
         today = utc_day()
-        per_day = ledger.per_day(who)
+        # each query in the ledger's threads: a slow database delays this answer, not the server
+        # (one that cannot be read is a 503, LedgerUnavailable). ``used_today`` and ``total``
+        # count the usage waiting in the ledger's spool too; the per-day and per-session rows
+        # are the database's.
+        per_day = await ledger.aper_day(who)
         cap = ledger.max_tokens_per_user_per_day
-        used = ledger.tokens_today(user) if who is not None else 0
+        used = await ledger.atokens_today(user) if who is not None else 0
+        total = await ledger.auser_totals(who) if who is not None else _sum(per_day)
+        per_session = await ledger.aper_session(who)
         self.write_json({
             "user": who,
             "today": {"day": today, "total_tokens": 0, **_sum([d for d in per_day if d["day"] == today])},
             "quota": {"max_tokens_per_day": cap, "used_today": used,
                       "remaining": max(cap - used, 0) if cap and who is not None else None},
-            "total": ledger.user_totals(who) if who is not None else _sum(per_day),
-            "per_session": ledger.per_session(who),
+            "total": total,
+            "per_session": per_session,
             "per_day": per_day,
         })
 
@@ -358,6 +444,17 @@ def _sum(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- WebSocket ------------------------------------------------------------------------------------
+#: Close code (docs/api.md): the session does not exist for this user — unknown, another user's
+#: (the same code and reason: ids leak nothing), or ended (deleted, culled, server stopping) —
+#: so reconnecting cannot help. An HTTP 404 before the upgrade would reach a browser as a bare
+#: 1006 (no status), indistinguishable from a network drop.
+CLOSE_GONE = 4404
+#: Close code: the client read too slowly (``max_socket_buffer_bytes``); it reconnects with ``?since=``.
+CLOSE_SLOW = 1013
+GONE_REASON = "No such session: it ended, was cleaned up after being idle, or never existed"
+STOPPED_REASON = "The session has ended: it was stopped, cleaned up after being idle, or the server stopped"
+
+
 class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
     """``sessions/{id}/ws``: a session's events live (history first), and chat/cancel/answers in."""
 
@@ -373,17 +470,27 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
             self.authorizer.is_authorized(self, self.current_user, "execute", AUTH_RESOURCE))
         if not allowed:
             raise web.HTTPError(403)
-        try:
+        # an unknown (or another user's, or ended) session is not refused here with HTTP 404: a
+        # browser only sees "1006, failed" for any refused upgrade, and would reconnect forever.
+        # The socket opens and is closed at once with CLOSE_GONE (``open``), which it can tell.
+        with contextlib.suppress(SessionNotFound):
             self.session = self.user_session(session_id)
-        except SessionNotFound as e:
-            raise web.HTTPError(404, e.message) from None
         res = super().get(session_id)
         if res is not None:
             await res
 
-    def open(self, session_id: str) -> None:  # type: ignore[override]
+    def end(self, reason: str) -> None:
+        """Close with ``CLOSE_GONE``: the session does not exist (any more) for this user, so a
+        client must not reconnect. Sent after whatever was queued before (e.g. its last events)."""
+        self.close_subscription()
+        self.close(CLOSE_GONE, reason)
+
+    def open(self, session_id: str) -> None:
         session = self.session
-        assert session is not None
+        # (looked up again: the session may have been deleted while the upgrade was answered)
+        if session is None or not self._exists(session):
+            self.end(GONE_REASON)
+            return
         # events are small frames sent one by one: with Nagle's algorithm on (tornado's default)
         # each waits for the client's delayed ACK, ~40 ms per turn (measured by bench/relay.py)
         self.set_nodelay(True)
@@ -409,8 +516,19 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
             for payload in replay:
                 self.send_payload(payload)
         self.send({"type": "history:end", "data": {"last_seq": session.last_seq}})
+        if session.state is SessionState.STOPPED:  # (its history ends with that: nothing follows)
+            self.end(STOPPED_REASON)
+            return
         fanout.add(self)
         self._fanout = fanout
+
+    def _exists(self, session: AgentSession) -> bool:
+        """Whether the manager still has ``session`` for this user (a deleted or culled one is
+        removed from it before it is stopped)."""
+        try:
+            return self.user_session(session.id) is session
+        except SessionNotFound:
+            return False
 
     _buffered = 0
     _fanout: Fanout | None = None
@@ -433,7 +551,7 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
         cap = self.settings.get("acp_max_socket_buffer_bytes") or 0
         if cap and self._buffered > cap:
             self.close_subscription()
-            self.close(1013, "The client reads too slowly; reconnect with ?since=<last seq>")
+            self.close(CLOSE_SLOW, "The client reads too slowly; reconnect with ?since=<last seq>")
             return
         try:
             future = self.write_message(payload)
@@ -460,8 +578,9 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
         if not isinstance(data, dict) or not isinstance(data.get("type"), str):
             return self.reply_error("A frame must be a JSON object with a string 'type'")
         kind = data["type"]
+        if not self._exists(session):  # deleted, its stop still under way: say it once, and go
+            return self.end(STOPPED_REASON)
         try:
-            self.user_session(session.id)  # still there (not deleted meanwhile), else 404
             if kind == "ping":
                 self.send({"type": "pong"})
             elif kind == "chat:message":
@@ -479,7 +598,7 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
             elif kind == "mode":
                 await session.set_mode(_field(data, "mode_id", str, required=True))
             else:
-                self.reply_error(f"Unknown frame type {kind!r}")
+                self.reply_error(f"Unknown frame type {shorten(kind, 80)!r}")
         except AcpError as e:
             self.reply_error(e.message, e.status)
 
@@ -512,15 +631,21 @@ class Fanout:
     can stream (bench/fanout.py). A lone event is still a plain object frame.
     """
 
-    def __init__(self, session: AgentSession, on_empty: Callable[[], None]) -> None:
+    def __init__(self, session: AgentSession, on_empty: Callable[[], object]) -> None:
         self.sockets: list[SessionSocket] = []
         self.session = session
         self._on_empty = on_empty
         self._pending: list[str] = []
+        #: the session emitted its final ``stopped`` state: after sending it, close the sockets
+        self._ended = False
         self._unsubscribe = session.subscribe(self._event)
 
     def _event(self, event: dict[str, Any]) -> None:
         self._pending.append(self.session.payload(event["seq"]))  # (serialized by the session)
+        if event["type"] == "state" and (event.get("data") or {}).get("state") == SessionState.STOPPED.value:
+            # the manager has removed the session (delete, cull, shutdown): no client can use
+            # anything after this (at most the end of a turn whose usage was being recorded)
+            self._ended = True
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_soon(self.flush)
 
@@ -536,6 +661,9 @@ class Fanout:
                 continue
             for payload in payloads:
                 socket.send_payload(payload)
+        if self._ended:  # (the close frame goes after the events just queued, ``stopped`` last)
+            for socket in list(self.sockets):
+                socket.end(STOPPED_REASON)
 
     def add(self, socket: SessionSocket) -> None:
         self.sockets.append(socket)

@@ -24,10 +24,20 @@ import collections
 import contextlib
 import json
 import logging
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .shrink import cut_to_fit
+
+if TYPE_CHECKING:
+    from asyncio.streams import _ReaduntilBuffer  # (typeshed's: what StreamReader.readuntil takes)
+
+    #: the ``separator`` of ``StreamReader.readuntil`` (3.13 also takes a tuple of them)
+    if sys.version_info >= (3, 13):
+        ReaduntilSeparator = _ReaduntilBuffer | tuple[_ReaduntilBuffer, ...]
+    else:
+        ReaduntilSeparator = _ReaduntilBuffer
 
 log = logging.getLogger("jupyter_acp.linefilter")
 
@@ -74,8 +84,9 @@ class LineQueue(asyncio.StreamReader):
     def at_eof(self) -> bool:
         return self._eof and not self._lines
 
-    async def readuntil(self, separator: bytes = b"\n") -> bytes:
-        """The next line (with its newline, if it had one); ``IncompleteReadError`` at the end."""
+    async def readuntil(self, separator: ReaduntilSeparator = b"\n") -> bytes:
+        """The next line (with its newline, if it had one); ``IncompleteReadError`` at the end.
+        (Lines are queued whole: ``separator`` is always taken as the newline the SDK asks for.)"""
         while not self._lines:
             if self._eof:
                 raise asyncio.IncompleteReadError(b"", None)
@@ -101,7 +112,7 @@ class LineQueue(asyncio.StreamReader):
     async def read(self, n: int = -1) -> bytes:
         raise NotImplementedError("LineQueue is read line by line")
 
-    def feed_data(self, data: bytes) -> None:
+    def feed_data(self, data: object) -> None:
         raise NotImplementedError("LineQueue is fed line by line (put)")
 
 

@@ -13,28 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
-import re
 import shutil
-import string
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import escapism
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Dict, Enum, Float, Instance, Integer, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .agents import AgentConfigManager, AgentSpec
 from .errors import (
+    AcpError,
     AgentUnavailable,
     BadRequest,
     PathOutsideWorkspace,
     SandboxError,
     SessionNotFound,
+    SessionNotReady,
     TooManySessions,
 )
 from .gateway import LlmGateway
@@ -44,67 +42,13 @@ from .sandbox import backend
 from .sandbox.base import SYSTEM_PATH, ResourceLimits, Sandbox, SandboxSpec
 from .sandbox.remote import RemoteAgent
 from .session import AgentSession, SessionOptions, SessionState, TurnResult
+from .sizes import ByteSpecification, parse_bytes
 from .usage import TurnUsage, UsageLedger
+from .usernames import safe_username
 from .workspace_fs import NAME_MAX, PATH_MAX
 
 #: Backends tried, best first, when the admin leaves ``sandbox`` empty.
 BACKEND_PREFERENCE = ("docker", "bubblewrap", "local")
-
-_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-def parse_bytes(value: Any) -> int | None:
-    """``"512m"`` / ``"1.5G"`` / ``536870912`` → bytes; ``None``, ``0`` or ``""`` → None (unlimited).
-
-    The same spelling JupyterHub's ``ByteSpecification`` (and its ``MEM_LIMIT``) uses.
-    """
-    if value is None or value == "" or value == 0:
-        return None
-    if isinstance(value, int | float):
-        return int(value)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT])?[bB]?\s*", str(value))
-    if not m:
-        raise ValueError(f"{value!r} is not a size: use bytes or a number with K, M, G or T")
-    number, unit = float(m.group(1)), (m.group(2) or "").lower()
-    return int(number * _UNITS.get(unit, 1)) or None
-
-
-class ByteSpecification(Unicode):
-    """A memory/disk size trait: bytes or ``512M``/``1G``; validated when set."""
-
-    info_text = "a size in bytes or with a K/M/G/T suffix (empty or 0: unlimited)"
-
-    def validate(self, obj: Any, value: Any) -> str:
-        if isinstance(value, int | float):
-            value = str(int(value))
-        value = super().validate(obj, value)
-        try:
-            parse_bytes(value)
-        except ValueError as e:
-            raise TraitError(str(e)) from None
-        return value
-
-
-#: Characters a username keeps as they are in its directory name; every other one is escaped.
-USERNAME_SAFE = frozenset(string.ascii_letters + string.digits + "_@+")
-
-
-def safe_username(username: str) -> str:
-    """A username as a single path component (``{username}`` in the workspace template).
-
-    Injective, like JupyterHub's spawners' names: ``escapism`` writes every character outside
-    ``USERNAME_SAFE`` as ``-XX`` (its UTF-8 bytes in hex), so ``张三`` and ``李四``, ``bob`` and
-    ``.bob`` get different directories, and none is ``.``, ``..`` or hidden. A name whose escaped
-    form would pass 200 bytes keeps a readable start and ends in ``--`` and a hash of the whole
-    name (``--`` never occurs in escapism's output, so it cannot meet an unhashed name)."""
-    escaped = escapism.escape(username, safe=USERNAME_SAFE, escape_char="-")
-    if not escaped:
-        return "-"  # (the empty name; escapism never yields a lone "-")
-    if len(escaped) > 200:
-        digest = hashlib.sha256(username.encode(errors="surrogatepass")).hexdigest()[:40]
-        escaped = escaped[:120].rstrip("-0123456789ABCDEF") + "--" + digest
-    return escaped
-
 
 class UserSessionManager(LoggingConfigurable):
     """Holds the live agent sessions of all users and applies the admin's limits to them."""
@@ -314,6 +258,11 @@ class UserSessionManager(LoggingConfigurable):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._sessions: dict[str, AgentSession] = {}
+        #: sessions deleted but not yet torn down, and starts admitted but not yet listed, per
+        #: user: both count against ``max_sessions_per_user`` (their agents may be running)
+        self._stopping: dict[str, AgentSession] = {}
+        self._admitted: dict[str, int] = {}
+        self._shutting_down = False
         self._monitor: asyncio.Task[None] | None = None
         self._started_backends: set[type[Sandbox]] = set()
         #: Called on agent activity (the extension keeps ``acp_last_activity`` fresh with it).
@@ -389,6 +338,10 @@ class UserSessionManager(LoggingConfigurable):
             return root
         if not isinstance(cwd, str) or "\x00" in cwd:
             raise BadRequest("cwd must be a path inside your workspace")
+        try:
+            cwd.encode()
+        except UnicodeEncodeError:  # (a lone surrogate: no file system name can hold it)
+            raise BadRequest("cwd is not valid Unicode") from None
         if len(cwd.encode(errors="surrogatepass")) > PATH_MAX or any(
                 len(part.encode(errors="surrogatepass")) > NAME_MAX for part in cwd.split("/")):
             raise BadRequest(f"cwd is too long (at most {PATH_MAX} bytes, {NAME_MAX} per "
@@ -398,7 +351,7 @@ class UserSessionManager(LoggingConfigurable):
         real_root = Path(os.path.realpath(root))
         if target != real_root and real_root not in target.parents:
             raise PathOutsideWorkspace(f"cwd {cwd!r} is outside your workspace")
-        if not target.is_dir():
+        if not os.path.isdir(target):  # (False, not ENAMETOOLONG, past PATH_MAX with the root)
             raise BadRequest(f"cwd {cwd!r} is not a directory in your workspace")
         return target
 
@@ -423,11 +376,47 @@ class UserSessionManager(LoggingConfigurable):
                         and session.sandbox_spec.workspace == workspace
                         and session.state in (SessionState.READY, SessionState.BUSY)):
                     return session
-        live = [s for s in self.get_user_sessions(username) if s.state is not SessionState.STOPPED]
-        if self.max_sessions_per_user and len(live) >= self.max_sessions_per_user:
+        if self._shutting_down:
+            raise SessionNotReady("The server is stopping; start the session again once it is back")
+        held = self.sessions_held(username)
+        if self.max_sessions_per_user and held >= self.max_sessions_per_user:
             raise TooManySessions(
-                f"You already have {len(live)} agent sessions (the limit is "
+                f"You already have {held} agent sessions (the limit is "
                 f"{self.max_sessions_per_user}); stop one first")
+        # admitted from here on (no await between the count and this): a concurrent create of
+        # the same user counts this one even before it is listed
+        self._admit(username, +1)
+        listed = False
+
+        def on_listed() -> None:
+            nonlocal listed
+            listed = True
+            self._admit(username, -1)
+
+        try:
+            return await self._create(username, spec, workspace, credentials, on_listed)
+        finally:
+            if not listed:
+                self._admit(username, -1)
+
+    def _admit(self, username: str, delta: int) -> None:
+        count = self._admitted.get(username, 0) + delta
+        if count:
+            self._admitted[username] = count
+        else:
+            self._admitted.pop(username, None)
+
+    def sessions_held(self, username: str) -> int:
+        """How many agents ``username`` may have running now: live sessions, sessions being
+        started, and deleted ones whose agent is still being stopped."""
+        live = sum(1 for s in self._sessions.values()
+                   if s.user == username and s.state is not SessionState.STOPPED)
+        stopping = sum(1 for s in self._stopping.values() if s.user == username)
+        return live + stopping + self._admitted.get(username, 0)
+
+    async def _create(self, username: str, spec: AgentSpec, workspace: Path,
+                      credentials: dict[str, str] | None, on_listed: Callable[[], None]
+                      ) -> AgentSession:
         try:
             creds = self.agents.credentials_for(spec, credentials)
         except ValueError as e:
@@ -452,7 +441,8 @@ class UserSessionManager(LoggingConfigurable):
             launch = plan_launch(self.gateway, spec, creds, self.agents.admin_credentials(spec),
                                  session_id=session.id, user=username,
                                  on_usage=lambda usage: self._gateway_usage(session, usage),
-                                 check_quota=lambda: self.ledger.check_quota(username))
+                                 check_quota=lambda: self.ledger.acheck_quota(username),
+                                 on_refused=lambda message: session.quota_refused(message))
         except BaseException:
             self._remove_home(session.id)
             raise
@@ -467,13 +457,18 @@ class UserSessionManager(LoggingConfigurable):
             rw_paths=list(launch.rw_paths),
             home=str(home),
         )
-        if spec.url:
+        if url := spec.url:
             token = creds.get("access_token")
             headers = {"Authorization": f"Bearer {token}"} if token else {}
-            session._sandbox_factory = lambda: RemoteAgent(session.sandbox_spec, spec.url, headers)
+            session._sandbox_factory = lambda: RemoteAgent(session.sandbox_spec, url, headers)
         else:
             session._sandbox_factory = lambda: cls.create(session.sandbox_spec, parent=self)
+        if self._shutting_down:  # (the server began to stop while this one was prepared)
+            self._remove_home(session.id)
+            self.gateway.close_route(session.id)
+            raise SessionNotReady("The server is stopping; start the session again once it is back")
         self._sessions[session.id] = session  # counts against the limit while it starts
+        on_listed()
         self.log.info("Starting %s for %s in a %s sandbox (session %s)", spec.name, username, cls.kind,
                       session.id)
         try:
@@ -485,13 +480,17 @@ class UserSessionManager(LoggingConfigurable):
             raise
         return session
 
-    def _gateway_usage(self, session: AgentSession, usage: TurnUsage) -> None:
+    async def _gateway_usage(self, session: AgentSession, usage: TurnUsage) -> None:
         """One LLM request metered by the gateway: the ledger's record (the source of truth of a
-        gateway session), and the running turn's total."""
+        gateway session), and the running turn's total. The gateway awaits it before the
+        request's last byte reaches the agent; the write runs in the ledger's thread (the
+        gateway's handlers are on the server's event loop), and a ledger failure reaches the
+        session's user at the end of the turn (``AgentSession._finish_turn``)."""
         now = time.time()
-        self.ledger.record(user=session.user, session_id=session.id, agent=session.spec.name,
-                           turn=session.turns, usage=usage, started_at=now, ended_at=now)
-        session.add_gateway_usage(usage)
+        turn = session.turns
+        session.add_gateway_usage(usage)  # (this turn's, even if it ends while the record is written)
+        await self.ledger.arecord(user=session.user, session_id=session.id, agent=session.spec.name,
+                                  turn=turn, usage=usage, started_at=now, ended_at=now, owner=session)
 
     @staticmethod
     def _sandbox_placeholder() -> Sandbox:
@@ -517,8 +516,13 @@ class UserSessionManager(LoggingConfigurable):
         return env
 
     def _make_home(self, session_id: str) -> Path:
-        home = Path(self.agent_home_dir) / session_id
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """A private home: the homes directory and each home are the server user's only (0700),
+        so another account on the host cannot read an agent's settings or what it caches."""
+        homes = Path(self.agent_home_dir)
+        homes.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(homes, 0o700)  # (also when an earlier version created it with the umask's mode)
+        home = homes / session_id
+        home.mkdir(mode=0o700)
         return home
 
     def _remove_home(self, session_id: str) -> None:
@@ -557,25 +561,40 @@ class UserSessionManager(LoggingConfigurable):
         await self._delete(session, "stopped by the user")
 
     async def _delete(self, session: AgentSession, reason: str) -> None:
+        """Unlist the session at once (no request finds it any more), then stop its agent; it
+        counts against its user's limit until its agent, home and route are gone. The session
+        stops for good: a restart under way gives up (``AgentSession.stop``)."""
         self._sessions.pop(session.id, None)
+        self._stopping[session.id] = session
         try:
             await session.stop(reason)
         finally:
             self._remove_home(session.id)
             self.gateway.close_route(session.id)
+            self._stopping.pop(session.id, None)
 
     async def restart_user_session(self, username: str, session_id: str) -> AgentSession:
         session = self.get_user_session(username, session_id)
-        await session.restart()
+        try:
+            await session.restart()
+        except AcpError:
+            if session.id not in self._sessions:  # deleted meanwhile: it is gone, not "not ready"
+                raise SessionNotFound(session_id) from None
+            raise
+        if session.id not in self._sessions:
+            raise SessionNotFound(session_id)
         return session
 
     async def send_message(self, username: str, session_id: str, message: str) -> TurnResult:
         """One prompt turn; events stream to the session's subscribers while it runs."""
         return await self.get_user_session(username, session_id).prompt(message)
 
-    def update_token_usage(self, username: str, session_id: str, usage: dict[str, Any] | TurnUsage,
-                           *, turn: int | None = None) -> int:
-        """Record usage reported out of band (e.g. by an LLM gateway) for one of the user's sessions."""
+    async def update_token_usage(self, username: str, session_id: str,
+                                 usage: dict[str, Any] | TurnUsage, *, turn: int | None = None
+                                 ) -> int | None:
+        """Record usage reported out of band (e.g. by an LLM gateway) for one of the user's
+        sessions. Returns the database record's id; None when the database could not be written
+        and the record waits in the ledger's spool (it is counted all the same)."""
         session = self.get_user_session(username, session_id)
         if isinstance(usage, dict):
             try:
@@ -583,9 +602,11 @@ class UserSessionManager(LoggingConfigurable):
             except TypeError as e:
                 raise BadRequest(f"Invalid usage record: {e}") from None
         now = time.time()
-        return self.ledger.record(user=username, session_id=session.id, agent=session.spec.name,
-                                  turn=turn if turn is not None else session.turns, usage=usage,
-                                  started_at=now, ended_at=now)
+        outcome = await self.ledger.arecord(user=username, session_id=session.id,
+                                            agent=session.spec.name,
+                                            turn=turn if turn is not None else session.turns,
+                                            usage=usage, started_at=now, ended_at=now, owner=session)
+        return outcome.id
 
     def get_session_stats(self, username: str, session_id: str) -> dict[str, Any]:
         return self.get_user_session(username, session_id).stats()
@@ -593,19 +614,24 @@ class UserSessionManager(LoggingConfigurable):
     async def cleanup(self, max_age: float | None = None) -> list[str]:
         """Stop sessions idle for more than ``max_age`` seconds (default ``idle_max_age``).
 
-        A session in a prompt turn is never culled. Returns the ids of the sessions stopped.
+        Only ``ready`` and ``error`` sessions are: never one in a prompt turn, nor one that is
+        starting or restarting. Returns the ids of the sessions stopped.
         """
         max_age = self.idle_max_age if max_age is None else max_age
         if not max_age:
             return []
-        now = time.time()
-        stale = [s for s in self._sessions.values()
-                 if s.state is not SessionState.BUSY and now - s.last_activity > max_age]
-        for session in stale:
-            self.log.info("Stopping idle session %s of %s (idle %.0f s)", session.id, session.user,
-                          now - session.last_activity)
+        culled = []
+        for session in list(self._sessions.values()):
+            # checked again for each one, just before it goes: the deletions before it awaited,
+            # and meanwhile this one may have started a turn, been deleted or been used
+            idle = time.time() - session.last_activity
+            if (session.id not in self._sessions or idle <= max_age
+                    or session.state not in (SessionState.READY, SessionState.ERROR)):
+                continue
+            self.log.info("Stopping idle session %s of %s (idle %.0f s)", session.id, session.user, idle)
+            culled.append(session.id)
             await self._delete(session, f"idle for more than {max_age:g} s")
-        return [s.id for s in stale]
+        return culled
 
     # -- monitor and shutdown ------------------------------------------------------------------
     def start_monitor(self) -> None:
@@ -621,15 +647,19 @@ class UserSessionManager(LoggingConfigurable):
                 self.log.exception("The idle-session monitor failed; it will try again")
 
     async def shutdown(self) -> None:
-        """Stop the monitor and every session (the server is stopping)."""
+        """Stop the monitor and every session (the server is stopping); no new one starts."""
+        self._shutting_down = True
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
             self._monitor = None
         sessions = list(self._sessions.values())
+        stopping = list(self._stopping.values())
         results = await asyncio.gather(*(self._delete(s, "the server is stopping") for s in sessions),
+                                       *(s.stop("the server is stopping") for s in stopping),
                                        return_exceptions=True)
+        results = results[:len(sessions)]
         for session, result in zip(sessions, results, strict=True):
             if isinstance(result, BaseException):
                 self.log.warning("Could not stop session %s cleanly: %s", session.id, result)

@@ -91,9 +91,12 @@ class PermissionDesk:
         # keep what was shown (cut to max_event_bytes), not the agent's original
         pending.tool_call = event["data"].get("tool_call") or {}
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-        except asyncio.TimeoutError:
-            self._resolve(request_id, choose(options, allow=False), by="timeout")
+            # (not wait_for(shield(...)): on Python 3.11 wait_for swallows a cancellation that
+            # comes while the answer arrives, and the SDK then waits forever to send the reply,
+            # which hung the session's stop)
+            await asyncio.wait({future}, timeout=self.timeout)
+            if not future.done():
+                self._resolve(request_id, choose(options, allow=False), by="timeout")
             return future.result()
         finally:
             self.pending.pop(request_id, None)

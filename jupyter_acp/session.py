@@ -34,15 +34,15 @@ from .agents import AgentSpec
 from .client import AcpClient
 from .errors import (
     AgentError,
-    AuthenticationRequired,
     BadRequest,
-    ModeNotAllowed,
     SessionBusy,
     SessionNotReady,
+    agent_refusal,
 )
 from .history import EventHistory, Subscriber, public_event, wire_json
 from .limits import AgentInputLimits
 from .linefilter import filtered_reader
+from .modes import ModePolicy
 from .permissions import PendingPermission, PermissionDesk
 from .sandbox.base import Sandbox, SandboxSpec
 from .shrink import TextBudget
@@ -70,10 +70,15 @@ class TurnResult:
     usage: TurnUsage
     turn: int
     duration: float
+    error: str | None = None
+    """Why the turn was cut short, if the session did it (a quota refusal, ``quota_refused``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "stop_reason": self.stop_reason, "usage": self.usage.to_dict(),
+        data = {"text": self.text, "stop_reason": self.stop_reason, "usage": self.usage.to_dict(),
                 "turn": self.turn, "duration": round(self.duration, 6)}
+        if self.error is not None:
+            data["error"] = self.error
+        return data
 
 
 @dataclass
@@ -132,14 +137,7 @@ class AgentSession:
         self.acp_session_id: str | None = None
         self.agent_info: dict[str, Any] = {}
         self.agent_capabilities: dict[str, Any] = {}
-        #: the agent's modes as clients see them: only the allowed ones in ``availableModes``,
-        #: the others in ``forbiddenModes`` (``_agent_modes``: as the agent reported them)
-        self.modes: dict[str, Any] | None = None
-        self._agent_modes: dict[str, Any] | None = None
-        #: the mode the admin's policy puts the agent in (None: the agent has no known modes)
-        self.policy_mode: str | None = None
-        self._mode_guard: asyncio.Task[None] | None = None
-        self._mode_reverts = 0
+        self.mode_policy = ModePolicy(self)
         self._stop_reason: str | None = None
         self.config_options: list[dict[str, Any]] = []
         self.sandbox: Sandbox | None = None
@@ -160,8 +158,17 @@ class AgentSession:
         self._filter: asyncio.Task[None] | None = None
         self._turn_text = TextBudget(self.options.limits.max_turn_text_bytes)
         self._turn_task: asyncio.Task[Any] | None = None
+        #: the running turn's quota refusal (``quota_refused``): its message, the task that
+        #: cancels the turn, and the future that ends it on our side if the agent does not
+        self._quota_error: str | None = None
+        self._quota_task: asyncio.Task[None] | None = None
+        self._turn_abort: asyncio.Future[Any] | None = None
         self._replaying = False
+        #: start, restart and stop one at a time (the manager's per-session lifecycle order)
         self._lock = asyncio.Lock()
+        #: set by stop(), never cleared: a session that is stopped never runs an agent again,
+        #: and a start that is under way gives up at its next step
+        self._closed = asyncio.Event()
 
     # -- events (history.py) ------------------------------------------------------------------
     @property
@@ -199,8 +206,21 @@ class AgentSession:
             self._on_audit(name, {"user": self.user, "session_id": self.id, "agent": self.spec.name, **data})
 
     # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self, *, load: bool = False) -> None:
-        """Start the sandbox, connect, ``initialize`` and open (or load) the ACP session."""
+    async def start(self) -> None:
+        """Start the agent the first time (the manager does, once)."""
+        async with self._lock:
+            self._check_open()
+            await self._start_agent(load=False)
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise SessionNotReady("This session was stopped; start a new one")
+
+    async def _start_agent(self, *, load: bool) -> None:
+        """Start the sandbox, connect, ``initialize`` and open (or load) the ACP session.
+
+        Runs under the lifecycle lock. A ``stop()`` meanwhile sets ``_closed``: every step below
+        races it, so the start gives up at once and nothing it started outlives the session."""
         self.state, self.error = SessionState.STARTING, None
         self._stop_reason = None
         self._emit("state", {"state": "starting", "error": None})
@@ -209,6 +229,8 @@ class AgentSession:
         except Exception as e:
             reason = self._explain(e)
             await self._teardown()
+            if self._closed.is_set():  # not the agent's failure: the session was stopped
+                raise SessionNotReady("The session was stopped while its agent started") from None
             self._set_state(SessionState.ERROR, reason)
             if isinstance(e, AgentError | BadRequest):
                 raise
@@ -219,16 +241,18 @@ class AgentSession:
     async def _start(self, load: bool) -> None:
         self.sandbox = self._sandbox_factory()
         await self.sandbox.start()
+        if self._closed.is_set():
+            raise AgentError("The session was stopped while its agent started")
         self.client = AcpClient(self, self.sandbox, self.options.limits)
         if self.sandbox.transport is not None:  # a remote agent over a WebSocket
-            self.conn = connect_to_agent(self.client, self.sandbox.transport)
+            self.conn = connect_to_agent(self.client.as_sdk_client(), self.sandbox.transport)
         else:
             assert self.sandbox.stdin is not None and self.sandbox.stdout is not None
             limits = self.options.limits
             reader, self._filter = filtered_reader(
                 self.sandbox.stdout, limit=limits.max_message_bytes, on_drop=self._on_dropped_line,
                 label=self.id, update_limit=max(limits.max_event_bytes - EVENT_MARGIN, 1024))
-            self.conn = connect_to_agent(self.client, self.sandbox.stdin, reader)
+            self.conn = connect_to_agent(self.client.as_sdk_client(), self.sandbox.stdin, reader)
         self._watcher = asyncio.create_task(self._watch(self.sandbox), name=f"acp-watch-{self.id}")
         init = await self._bounded(
             self.conn.initialize(
@@ -237,13 +261,14 @@ class AgentSession:
                     fs=schema.FileSystemCapabilities(read_text_file=True, write_text_file=True),
                     terminal=self.sandbox.provides_terminals,
                 ),
-                client_info=schema.Implementation(**self.options.client_info),
+                client_info=schema.Implementation.model_validate(self.options.client_info),
             ),
             "initialize",
         )
         self.agent_info = _dump(init.agent_info) if init.agent_info else {}
         self.agent_capabilities = _dump(init.agent_capabilities) if init.agent_capabilities else {}
         cwd = self.sandbox.workspace_path
+        lost = None  # why the agent does not remember the conversation (None: nothing to lose)
         if load and self.acp_session_id and self.agent_capabilities.get("loadSession"):
             self._replaying = True
             try:
@@ -252,24 +277,38 @@ class AgentSession:
                     "session/load",
                 )
                 self._set_modes(getattr(resp, "modes", None), getattr(resp, "config_options", None))
-                await self._apply_mode_policy(new=False)
+                await self.mode_policy.apply(new=False)
                 return
             except AgentError as e:
+                if self._closed.is_set():
+                    raise
                 log.warning("session/load failed for %s (%s); opening a new ACP session", self.id, e)
+                lost = f"the agent could not restore the conversation ({e})"
             finally:
                 self._replaying = False
+        elif load and self.turns:
+            lost = f"{self.spec.display_name} cannot restore a conversation (no ACP session/load)"
+        if lost and self.turns:
+            # the transcript above stays on screen, but the agent no longer knows it: say so
+            self._emit("error", {"message": f"{lost[0].upper()}{lost[1:]}; it starts fresh and "
+                                            "does not remember the earlier messages.",
+                                 "context_lost": True})
         resp = await self._bounded(self.conn.new_session(cwd=cwd, mcp_servers=[]), "session/new")
         self.acp_session_id = resp.session_id
         self._set_modes(resp.modes, getattr(resp, "config_options", None))
-        await self._apply_mode_policy(new=True)
+        await self.mode_policy.apply(new=True)
 
     async def _bounded(self, aw: Any, what: str) -> Any:
         """Await an ACP request with the init timeout, racing the agent's death."""
         timeout = self.options.init_timeout
         task = asyncio.ensure_future(aw)
         watcher = self._watcher
-        waiters = {task} | ({watcher} if watcher is not None else set())
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        closed = asyncio.ensure_future(self._closed.wait())
+        waiters = {task, closed} | ({watcher} if watcher is not None else set())
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
         if task in done:
             try:
                 return task.result()
@@ -282,25 +321,12 @@ class AgentSession:
             await task
         if not done:
             raise AgentError(f"The agent did not answer {what} within {timeout:g} s")
+        if self._closed.is_set():
+            raise AgentError(f"The session was stopped during {what}")
         raise AgentError(f"The agent stopped during {what}: {await self._death_reason()}")
 
     def _request_error(self, e: RequestError, what: str) -> AgentError:
-        if e.code == -32000:
-            env = self.spec.credential_env
-            action = {"session/new": "start a session", "session/load": "resume the session",
-                      "initialize": "start"}.get(what, what)
-            extra = [k for k in ("base_url", "model") if k in env]
-            also = f" (and {', '.join(map(repr, extra))} for another endpoint)" if extra else ""
-            fields = "'api_key'" + also
-            reads = ", ".join(env[k] for k in ("api_key", *extra) if k in env)
-            return AuthenticationRequired(
-                f"{self.spec.display_name} needs an API key to {action}: pass {fields} in the "
-                f"credentials when you start the session, or ask your admin to set "
-                f"c.AgentConfigManager.credentials[{self.spec.name!r}]"
-                + (f" (the agent reads {reads})" if reads else "")
-            )
-        detail = e.data.get("details") if isinstance(e.data, dict) else None
-        return AgentError(f"The agent refused {what}: {e}" + (f" ({detail})" if detail else ""))
+        return agent_refusal(self.spec, e.code, e.data, str(e), what)
 
     async def _death_reason(self) -> str:
         if self._watcher is not None:
@@ -334,84 +360,24 @@ class AgentSession:
         self._emit("error", {"message": f"The agent sent {what}; it was dropped (protocol error)"})
 
     def _set_modes(self, modes: Any, config_options: Any = None) -> None:
-        self._agent_modes = _dump(modes) if modes is not None else None
-        self._publish_modes()
+        self.mode_policy.reported(_dump(modes) if modes is not None else None)
         self.config_options = [_dump(o) for o in config_options or []]
 
-    # -- modes: the admin's permission policy decides which ones the agent may be in ----------
-    def _available_mode_ids(self) -> list[str]:
-        return [m.get("id") for m in (self._agent_modes or {}).get("availableModes", [])
-                if isinstance(m, dict) and isinstance(m.get("id"), str)]
-
-    def mode_allowed(self, mode_id: str | None) -> bool:
-        """Whether the admin lets this session be in ``mode_id`` (the policy's mode always)."""
-        if mode_id is None:
-            return False
-        if mode_id == self.policy_mode:
-            return True
-        if self.options.allowed_modes is not None:
-            return mode_id in self.options.allowed_modes
-        return self.spec.mode_permitted(mode_id, self.options.permission_policy)
-
-    def _publish_modes(self) -> None:
-        """``modes`` for clients: the agent's, with the forbidden ones moved out of the list."""
-        raw = self._agent_modes
-        if raw is None:
-            self.modes = None
-            return
-        listed = [m for m in raw.get("availableModes", []) if isinstance(m, dict)]
-        self.modes = {**raw, "availableModes": [m for m in listed if self.mode_allowed(m.get("id"))],
-                      "forbiddenModes": [m for m in listed if not self.mode_allowed(m.get("id"))]}
-
-    def _record_mode(self, mode_id: str) -> None:
-        if self._agent_modes is not None:
-            self._agent_modes["currentModeId"] = mode_id
-            self._publish_modes()
-
-    async def _apply_mode_policy(self, *, new: bool) -> None:
-        """Put a starting agent in the policy's mode (or, resuming, in an allowed one).
-
-        The launch already asked for that mode (``AgentSpec.for_policy``); this checks what the
-        agent reports and fixes it with ``session/set_mode``. An agent that cannot be put in an
-        allowed mode is not started: running it would break the admin's promise silently."""
-        if self._agent_modes is None:  # an agent without modes: the policy applies per request
-            return
-        policy = self.options.permission_policy
-        available = self._available_mode_ids()
-        self.policy_mode = self.spec.policy_mode(policy, available)
-        current = self._agent_modes.get("currentModeId")
-        if self.policy_mode is None:
-            if self.options.allowed_modes is None or current not in self.options.allowed_modes:
-                raise AgentError(
-                    f"{self.spec.display_name} offers no mode known to match the permission policy "
-                    f"{policy!r} (its modes: {', '.join(map(str, available)) or 'none'}); an admin "
-                    f"can declare them with mode_levels in c.AgentConfigManager.agents or list "
-                    f"them in c.UserSessionManager.allowed_modes")
-            self.policy_mode = current
-        target = self.policy_mode if new else (current if self.mode_allowed(current) else self.policy_mode)
-        self._publish_modes()
-        if current != target:
-            log.info("Session %s: %s started in mode %r; switching it to %r (permission policy %r)",
-                     self.id, self.spec.name, current, target, policy)
-            try:
-                await self._bounded(self.conn.set_session_mode(session_id=self.acp_session_id,
-                                                               mode_id=target), "session/set_mode")
-            except AgentError as e:
-                raise AgentError(f"{self.spec.display_name} started in the mode {current!r} and "
-                                 f"could not be put in {target!r}, which the permission policy "
-                                 f"{policy!r} requires: {e}") from e
-            self._record_mode(target)
-
     async def stop(self, reason: str = "stopped by the user") -> None:
-        """Stop the agent and remove the sandbox; the workspace stays. Final."""
-        if self.state is SessionState.STOPPED:
-            return
+        """Stop the agent and remove the sandbox; the workspace stays. Final.
+
+        A start or restart under way gives up (``_closed``); this waits for it to have undone
+        what it started, so when ``stop`` returns no process of this session is left."""
+        self._closed.set()
         self._cancel_pending_permissions()
         if self._turn_task is not None:
             self._turn_task.cancel()
-        await self._stop_mode_guard()
-        await self._teardown()
-        self._set_state(SessionState.STOPPED)
+        async with self._lock:
+            if self.state is SessionState.STOPPED:
+                return
+            await self._stop_mode_guard()
+            await self._teardown()
+            self._set_state(SessionState.STOPPED)
         self._audit("stopped", reason=reason)
 
     async def _teardown(self) -> None:
@@ -438,27 +404,43 @@ class AgentSession:
 
     async def restart(self) -> None:
         """Start a fresh agent process; continue the conversation through session/load if possible."""
-        if self.state is SessionState.STOPPED:
-            raise SessionNotReady("This session was stopped; start a new one")
-        if self.state is SessionState.BUSY:
-            raise SessionBusy("A prompt turn is running; cancel it before restarting")
+        self._check_open()
         async with self._lock:
+            self._check_open()  # (stopped while this waited for another start or restart)
+            if self.state is SessionState.BUSY:
+                raise SessionBusy("A prompt turn is running; cancel it before restarting")
+            self.state = SessionState.STARTING  # (no turn starts on the agent torn down here)
             self._cancel_pending_permissions()
             await self._stop_mode_guard()
             await self._teardown()
-            await self.start(load=True)
+            await self._start_agent(load=True)
 
     # -- prompt turns --------------------------------------------------------------------------
-    async def prompt(self, text: str) -> TurnResult:
-        """Run one prompt turn to its end; events stream to subscribers meanwhile."""
-        if not isinstance(text, str) or not text.strip():
-            raise BadRequest("The message is empty")
+    def _check_live(self) -> None:
+        """An agent is there to ask (ready, or busy in a turn) and no stop is under way."""
+        if self._closed.is_set() or self.conn is None or self.state not in (SessionState.READY,
+                                                                            SessionState.BUSY):
+            raise SessionNotReady(f"The session is {self.state.value}")
+
+    def _check_ready(self) -> None:
+        if self._closed.is_set():  # (stop() is tearing it down: the state says so only after)
+            raise SessionNotReady("This session was stopped; start a new one")
         if self.state is SessionState.BUSY:
             raise SessionBusy("The agent is still answering the previous message; cancel it or wait")
         if self.state is not SessionState.READY:
             why = f": {self.error}" if self.error else ""
             raise SessionNotReady(f"The session is {self.state.value}{why}")
-        self.ledger.check_quota(self.user)
+
+    async def prompt(self, text: str) -> TurnResult:
+        """Run one prompt turn to its end; events stream to subscribers meanwhile.
+
+        A turn's ``error`` event, if any, comes before its ``turn_end`` (the wire's
+        ``chat:response``): a client may stop reading at the end of the turn."""
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequest("The message is empty")
+        self._check_ready()
+        await self.ledger.acheck_quota(self.user)  # (in the ledger's thread: the loop goes on)
+        self._check_ready()  # (the quota check may wait: the session may have changed meanwhile)
         self._set_state(SessionState.BUSY)
         self.turns += 1
         turn, started = self.turns, time.time()
@@ -471,30 +453,40 @@ class AgentSession:
         )
         watcher = self._watcher
         turn_task = self._turn_task
+        abort = self._turn_abort = asyncio.get_running_loop().create_future()  # (quota_refused)
+        self._quota_error = None
         response = None
         try:
-            done, _ = await asyncio.wait({turn_task} | ({watcher} if watcher else set()),
+            done, _ = await asyncio.wait({turn_task, abort} | ({watcher} if watcher else set()),
                                          return_when=asyncio.FIRST_COMPLETED)
             if turn_task.cancelled():  # stop() ended the turn
-                self._finish_turn(turn, started, None)
+                # (why, for the clients that show the turn's end: sidebar, %%acp, ChatPanel)
+                self._emit("error", {"message": "The session was stopped during the turn", "turn": turn})
+                await self._finish_turn(turn, started, None)
                 raise SessionNotReady("The session was stopped during the turn")
             if turn_task in done:
                 response = turn_task.result()
+            elif abort in done:  # a quota refusal's cancel that the agent ignored: ended here
+                response = abort.result()
         except asyncio.CancelledError:
             # our caller went away (e.g. a closed HTTP request): end the turn at the agent too,
             # so the session does not stay busy with nobody listening
             if self.state is SessionState.BUSY and self.conn is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.conn.cancel(session_id=self.acp_session_id))
-                self._finish_turn(turn, started, None)
+                await self._finish_turn(turn, started, None)
                 self._set_state(SessionState.READY)
             raise
         except RequestError as e:
-            self._finish_turn(turn, started, None)
-            self._set_state(SessionState.READY)
-            err = self._request_error(e, "the prompt")
-            self._emit("error", {"message": str(err), "turn": turn})
-            raise err from e
+            if self._quota_error is not None:  # the agent failed after a quota refusal: its end
+                log.info("Session %s: the agent ended the quota-refused turn with an error: %s", self.id, e)
+                response = schema.PromptResponse(stop_reason="cancelled")
+            else:
+                err = self._request_error(e, "the prompt")
+                self._emit("error", {"message": str(err), "turn": turn})
+                await self._finish_turn(turn, started, None)
+                self._set_state(SessionState.READY)
+                raise err from e
         except ConnectionError:
             response = None
         finally:
@@ -504,12 +496,12 @@ class AgentSession:
                 turn_task.add_done_callback(lambda t: t.cancelled() or t.exception())
         if response is None:  # the agent died mid-turn
             reason = await self._death_reason()
-            self._finish_turn(turn, started, None)
+            self._emit("error", {"message": f"The agent stopped during the turn: {reason}", "turn": turn})
+            await self._finish_turn(turn, started, None)
             if self.state is not SessionState.STOPPED:
                 self._set_state(SessionState.ERROR, reason)
-            self._emit("error", {"message": f"The agent stopped during the turn: {reason}", "turn": turn})
             raise AgentError(f"The agent stopped during the turn: {reason}")
-        result = self._finish_turn(turn, started, response)
+        result = await self._finish_turn(turn, started, response)
         self._set_state(SessionState.READY)
         return result
 
@@ -521,19 +513,40 @@ class AgentSession:
             setattr(acc, key, getattr(acc, key) + getattr(usage, key))
         acc.model = usage.model or acc.model
 
-    def _finish_turn(self, turn: int, started: float, response: Any) -> TurnResult:
+    async def _finish_turn(self, turn: int, started: float, response: Any) -> TurnResult:
+        """Record the turn's usage, then end the turn (``turn_end``).
+
+        The record is durable — in the ledger's database, or else its spool — before the turn
+        ends, and is awaited in the ledger's thread: a slow database delays this turn's end,
+        never another session's stream. A ledger failure (this record's, or a gateway
+        request's) becomes one ``error`` event before ``turn_end``, and the session goes on.
+        If the session was stopped while the record was written, the turn still ends, then
+        ``SessionNotReady`` is raised, so that no caller marks the stopped session ready."""
+        quota_error, self._quota_error = self._quota_error, None
+        if quota_error is not None:  # the turn's one quota error, before its end (quota_refused)
+            self._emit("error", {"message": quota_error, "turn": turn, "quota": True})
         usage = self.usage.end_turn(response)
         ended = time.time()
+        text = self._turn_text.text()
+        stopped_meanwhile = False
         if self.metered_by_gateway:
             usage, self._gateway_turn = self._gateway_turn, TurnUsage(source="gateway")
         elif usage.source != "none" or usage.cost:
-            self.ledger.record(user=self.user, session_id=self.id, agent=self.spec.name, turn=turn,
-                               usage=usage, started_at=started, ended_at=ended)
+            before = self.state
+            await self.ledger.arecord(user=self.user, session_id=self.id, agent=self.spec.name,
+                                      turn=turn, usage=usage, started_at=started, ended_at=ended,
+                                      owner=self)
+            stopped_meanwhile = before is not SessionState.STOPPED and self.state is SessionState.STOPPED
+        problem = self.ledger.take_problem(self)
+        if problem is not None:
+            self._emit("error", {**problem, "turn": turn})
         stop_reason = str(response.stop_reason) if response is not None else "error"
-        result = TurnResult(self._turn_text.text(), stop_reason, usage, turn, ended - started)
+        result = TurnResult(text, stop_reason, usage, turn, ended - started, quota_error)
         self._turn_text = TextBudget(self.options.limits.max_turn_text_bytes)  # (not kept idle)
         self._emit("turn_end", result.to_dict())
         self.touch()
+        if stopped_meanwhile:
+            raise SessionNotReady("The session was stopped during the turn")
         return result
 
     async def cancel(self) -> bool:
@@ -545,73 +558,66 @@ class AgentSession:
         self._emit("cancel_requested", {})
         return True
 
+    #: Seconds an agent has to end its turn after the ``session/cancel`` of a quota refusal
+    #: before the session ends the turn itself (``quota_refused``).
+    QUOTA_CANCEL_GRACE = 3.0
+
+    def quota_refused(self, message: str) -> None:
+        """The LLM gateway refused one of this session's requests: the daily quota is used up.
+
+        Agents retry a 429 whatever it says (Qwen Code for minutes on end, Gemini CLI for about
+        3.5 minutes), so the turn would stay busy. The first refusal of a turn keeps ``message``
+        for the turn's one ``error`` event (emitted just before its ``turn_end``, and in its
+        ``TurnResult``) and cancels the turn at the agent (ACP ``session/cancel``) at once; a
+        turn the agent has not ended ``QUOTA_CANCEL_GRACE`` s later is ended here (stop reason
+        ``cancelled``; the agent's late answer is dropped by the SDK, as for any cancelled
+        request). Later refusals of the turn, and refusals outside a turn, change nothing."""
+        turn_task, abort = self._turn_task, self._turn_abort
+        if (self.state is not SessionState.BUSY or turn_task is None or abort is None or abort.done()
+                or self._quota_error is not None):
+            return
+        self._quota_error = message
+        self._quota_task = asyncio.get_running_loop().create_task(
+            self._end_refused_turn(turn_task, abort), name=f"acp-quota-{self.id}")
+
+    async def _end_refused_turn(self, turn_task: asyncio.Task[Any], abort: asyncio.Future[Any]) -> None:
+        if self._turn_task is turn_task:
+            # not awaited before the grace period runs: an agent that stops reading its stdin
+            # would hold the write, and the turn with it
+            cancel = asyncio.ensure_future(self.cancel())
+
+            def note_failure(t: asyncio.Future[bool]) -> None:
+                if not t.cancelled() and t.exception():
+                    log.info("Session %s: could not cancel the quota-refused turn: %s", self.id,
+                             t.exception())
+
+            cancel.add_done_callback(note_failure)
+        done, _ = await asyncio.wait({turn_task}, timeout=self.QUOTA_CANCEL_GRACE)
+        if not done and not abort.done() and self._turn_task is turn_task:
+            log.warning("Session %s (user %s): %s did not end its turn within %g s of session/cancel "
+                        "after a quota refusal; the turn is ended here", self.id, self.user,
+                        self.spec.name, self.QUOTA_CANCEL_GRACE)
+            abort.set_result(schema.PromptResponse(stop_reason="cancelled"))
+
     async def set_mode(self, mode_id: str) -> None:
         """The user's mode change (ACP ``session/set_mode``), within what the admin allows."""
-        if self.state not in (SessionState.READY, SessionState.BUSY):
-            raise SessionNotReady(f"The session is {self.state.value}")
-        allowed = [m["id"] for m in (self.modes or {}).get("availableModes", [])]
-        if mode_id not in self._available_mode_ids():
-            raise BadRequest(f"Unknown mode {mode_id!r}; available: {', '.join(allowed) or 'none'}")
-        if not self.mode_allowed(mode_id):
-            raise ModeNotAllowed(
-                f"Your admin does not allow the mode {mode_id!r} of {self.spec.display_name} "
-                f"(permission policy {self.options.permission_policy!r}); allowed: "
-                f"{', '.join(allowed) or 'none'}")
-        try:
-            await self.conn.set_session_mode(session_id=self.acp_session_id, mode_id=mode_id)
-        except RequestError as e:
-            raise self._request_error(e, "the mode change") from e
-        self._record_mode(mode_id)
+        self._check_live()
+        await self.mode_policy.set_by_user(mode_id)
 
-    def _on_mode_update(self, mode_id: str) -> None:
-        """The agent says it is now in ``mode_id``: if the admin does not allow that mode, put
-        it back in the policy's mode (in a task: this runs inside the agent's notification)."""
-        self._record_mode(mode_id)
-        if self.mode_allowed(mode_id) or self.policy_mode is None:
-            return
-        if self._mode_guard is None or self._mode_guard.done():
-            self._mode_guard = asyncio.create_task(self._restore_mode(), name=f"acp-mode-{self.id}")
+    @property
+    def modes(self) -> dict[str, Any] | None:
+        """The agent's modes for clients (``ModePolicy.modes``)."""
+        return self.mode_policy.modes
 
-    #: Self-switches into forbidden modes a session undoes before it stops the agent instead.
-    MAX_MODE_REVERTS = 50
+    @property
+    def policy_mode(self) -> str | None:
+        return self.mode_policy.policy_mode
 
-    async def _restore_mode(self) -> None:
-        target = self.policy_mode
-        assert target is not None
-        while self.conn is not None and not self.mode_allowed(current := (self._agent_modes or {}).get(
-                "currentModeId")):
-            self._mode_reverts += 1
-            log.warning("Session %s (user %s): %s switched itself to the mode %r, which the "
-                        "permission policy %r does not allow; switching it back to %r", self.id,
-                        self.user, self.spec.name, current, self.options.permission_policy, target)
-            try:
-                if self._mode_reverts > self.MAX_MODE_REVERTS:
-                    raise AgentError(f"it switched itself to a forbidden mode {self._mode_reverts} times")
-                await self._bounded(self.conn.set_session_mode(session_id=self.acp_session_id,
-                                                               mode_id=target), "session/set_mode")
-            except Exception as e:
-                reason = (f"{self.spec.display_name} switched itself to the mode {current!r}, which "
-                          f"your admin does not allow, and could not be switched back ({e}); the "
-                          f"agent was stopped")
-                self._emit("error", {"message": reason, "mode": current, "restored": None})
-                await self._halt(reason)
-                return
-            self._record_mode(target)
-            self._emit("session_update", {"sessionUpdate": "current_mode_update", "currentModeId": target})
-            self._emit("error", {"message": f"{self.spec.display_name} switched itself to the mode "
-                                            f"{current!r}, which your admin does not allow; it was "
-                                            f"switched back to {target!r}.",
-                                 "mode": current, "restored": target})
+    def mode_allowed(self, mode_id: str | None) -> bool:
+        return self.mode_policy.allowed(mode_id)
 
     async def _stop_mode_guard(self) -> None:
-        """End a running mode restore: cancelled, unless it is stopping the agent (awaited)."""
-        guard = self._mode_guard
-        if guard is None or guard is asyncio.current_task():
-            return
-        if self._stop_reason is None:
-            guard.cancel()
-        with contextlib.suppress(BaseException):
-            await guard
+        await self.mode_policy.stop_guard(halting=self._stop_reason is not None)
 
     async def _halt(self, reason: str) -> None:
         """Stop an agent that broke the admin's policy: the session goes to ``error``."""
@@ -624,8 +630,7 @@ class AgentSession:
 
     async def set_config_option(self, config_id: str, value: str | bool) -> None:
         """ACP ``session/set_config_option`` (e.g. a model or reasoning-effort selector)."""
-        if self.state not in (SessionState.READY, SessionState.BUSY):
-            raise SessionNotReady(f"The session is {self.state.value}")
+        self._check_live()
         known = {o.get("id") for o in self.config_options}
         if config_id not in known:
             raise BadRequest(f"Unknown config option {config_id!r}; available: "
@@ -646,13 +651,13 @@ class AgentSession:
         kind = getattr(update, "session_update", None)
         if kind == "agent_message_chunk":
             content = getattr(update, "content", None)
-            if getattr(content, "type", None) == "text":
+            if isinstance(content, schema.TextContentBlock):  # (the SDK validated the update)
                 self._turn_text.append(content.text)
                 announced = self.spec.announced_mode(content.text)
-                if announced and self._agent_modes is not None:
-                    self._on_mode_update(announced)
-        elif kind == "current_mode_update" and self._agent_modes is not None:
-            self._on_mode_update(update.current_mode_id)
+                if announced:
+                    self.mode_policy.agent_switched(announced)
+        elif kind == "current_mode_update":
+            self.mode_policy.agent_switched(update.current_mode_id)
         elif kind == "config_option_update":
             self.config_options = [_dump(o) for o in update.config_options]
         self.last_activity = time.time()
@@ -678,7 +683,7 @@ class AgentSession:
     # -- stats ---------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """The seed design's ``getSessionStats``, kept locally (never asked of the agent)."""
-        totals = self.ledger.session_totals(self.id)
+        totals = self.ledger.live_totals(self)  # (from memory: never waits for the database)
         limits = self.sandbox_spec.limits
         return {
             "id": self.id,

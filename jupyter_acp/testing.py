@@ -18,7 +18,7 @@ PREFIX = "user:"
 class TokenPerUser(IdentityProvider):
     """``Authorization: token user:NAME`` (or ``?token=user:NAME``) → the user ``NAME``."""
 
-    def get_user(self, handler: Any) -> User | None:  # type: ignore[override]
+    def get_user(self, handler: Any) -> User | None:
         header = handler.request.headers.get("Authorization", "")
         token = header[len("token "):] if header.startswith("token ") else handler.get_argument("token", "")
         name = token[len(PREFIX):] if token.startswith(PREFIX) else ""

@@ -369,6 +369,7 @@ class WorkspaceFS:
                     fut.set_exception(value)
 
         def body() -> None:
+            value: T | BaseException
             try:
                 ok, value = True, fn()
             except BaseException as e:  # handed to the loop, raised there

@@ -31,6 +31,19 @@ def acp_require(switch: str, ok: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def acp_require_backend(kind: str) -> None:
+    """Skip (or fail, under the CI switches) when the sandbox backend ``kind`` cannot run here."""
+    if kind == "bubblewrap":
+        from jupyter_acp.sandbox.bubblewrap import BubblewrapSandbox
+
+        ok, why = BubblewrapSandbox.available()
+        acp_require("JUPYTER_ACP_REQUIRE_SANDBOX", ok, f"bubblewrap cannot run here: {why}")
+    elif kind == "docker":
+        from test_docker_sandbox import require_docker
+
+        require_docker()
+
+
 @pytest.fixture
 def jp_asyncio_loop(_function_scoped_runner: Any) -> asyncio.AbstractEventLoop:
     """pytest-jupyter's server runs on pytest-asyncio's loop, the one async tests run on.

@@ -119,11 +119,12 @@ def _tokens(text: str) -> int:
     return int(match.group(1).replace(",", ""))
 
 
-def _api(server: dict[str, str], path: str) -> dict:
-    req = urllib.request.Request(server["url"] + "api/acp/" + path,
+def _api(server: dict[str, str], path: str, method: str = "GET") -> dict | None:
+    req = urllib.request.Request(server["url"] + "api/acp/" + path, method=method,
                                  headers={"Authorization": f"token {server['token']}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read()
+    return json.loads(body) if body else None
 
 
 NOTEBOOK = {
@@ -328,6 +329,24 @@ def test_sidebar_chat_permission_file_and_tokens(lab_server: dict[str, str], tmp
             server_total = _api(lab_server, "sessions")["sessions"][0]["tokens"]["total_tokens"]
             expect(session_tokens).to_have_text(f"{server_total:,} tokens")
             shot(page, "7-replayed-after-reload")
+
+            # the session is ended elsewhere (e.g. %acp stop): the chat says so once, and the
+            # panel does not reconnect (the server's close code 4404, not an HTTP 404)
+            connected = len(sockets)
+            _api(lab_server, f"sessions/{session_id}", method="DELETE")
+            gone = panel.locator(".jp-AcpMsg-error", has_text="The session has ended")
+            expect(gone).to_have_count(1, timeout=UI_TIMEOUT)
+            expect(status).to_contain_text("ended")
+            page.wait_for_timeout(3000)  # a reconnect would come after 0.5 s
+            assert len(sockets) == connected, [ws.url for ws in sockets[connected:]]
+            expect(gone).to_have_count(1)
+            shot(page, "8-session-ended")
+            # typing again starts a new session
+            composer.fill("a new start")
+            composer.press("Enter")
+            expect(panel.locator(".jp-AcpMsg-agent").last).to_contain_text("heard 3 words: a new start",
+                                                                           timeout=UI_TIMEOUT)
+            assert len(_api(lab_server, "sessions")["sessions"]) == 1
             assert not errors, f"errors in the page: {errors}"
         except BaseException:
             shot(page, "failure")

@@ -108,3 +108,20 @@ async def test_agent_text_cannot_forge_log_lines(acp_managers, caplog):
         [r.getMessage() for r in caplog.records if "FORGED" in r.getMessage()]
     assert any("FORGED" in r.getMessage() for r in caplog.records)  # logged, but quoted
     await still_works(attacker)
+
+
+async def test_unsupported_elicitation_is_refused_quietly(acp_managers, caplog):
+    """We offer no elicitation (an unstable part of ACP): a request for it is answered "method
+    not found" and its notification dropped, with no traceback. ``AcpClient`` leaves the SDK's
+    elicitation handlers out on purpose (``AcpClient.as_sdk_client``): with one defined, the
+    SDK warns about the unstable protocol, which the warnings-as-errors here turn into -32603."""
+    caplog.set_level(logging.DEBUG)
+    attacker = await make_attacker(acp_managers, "local")
+    report = await attacker("raw", method="elicitation/create", params={
+        "sessionId": "s", "toolCallId": "t", "mode": "form", "message": "Your password?",
+        "requestedSchema": {"type": "object", "properties": {}}})
+    assert report["error"]["code"] == -32601, report
+    await attacker("notify", method="elicitation/complete", params={"elicitationId": "e"}, count=3)
+    await asyncio.sleep(0.2)
+    assert tracebacks(caplog) == []
+    await still_works(attacker)

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket as stdsocket
 import subprocess
 import threading
 import time
@@ -22,7 +23,15 @@ from IPython.utils.capture import capture_output
 from kernel_server import TOKEN, server_for_kernels
 from nbclient import NotebookClient
 
-from jupyter_acp.kernel.api import AcpApi, AcpApiError, NoServerFound, ServerInfo, find_server
+from jupyter_acp.kernel.api import (
+    RESUME_DELAYS,
+    AcpApi,
+    AcpApiError,
+    NoServerFound,
+    ServerInfo,
+    SessionGone,
+    find_server,
+)
 from jupyter_acp.kernel.widget import ChatPanel
 
 pytestmark = pytest.mark.timeout(180)
@@ -130,6 +139,107 @@ def test_no_server_found_is_one_line(shell: Any, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("JPY_PARENT_PID", "1")  # a pid with no jpserver file: no guessing
     with pytest.raises(NoServerFound, match=r"jpserver-1\.json"):
         find_server()
+
+
+def test_a_failed_turn_returns_at_its_end_with_its_error(shell: Any, server: dict) -> None:
+    """The server sends a turn's error before its chat:response: the client attaches it and
+    returns at the chat:response (it used to wait up to 2 s for a late error)."""
+    api = AcpApi(ServerInfo(server["url"], TOKEN))
+    sid = api.start("demo", new=True)["id"]
+    seen: list[tuple[str, float]] = []
+    result = api.stream(sid, "/fail", lambda frame: seen.append((frame["type"], time.monotonic())))
+    returned = time.monotonic()
+    kinds = [kind for kind, _ in seen]
+    assert kinds.index("error") < kinds.index("chat:response") == len(kinds) - 1
+    assert result["stop_reason"] == "error" and "failed on purpose" in result["error"]
+    lag = returned - seen[-1][1]
+    print(f"stream() returned {lag * 1000:.2f} ms after the chat:response of a failed turn")
+    assert lag < 0.2
+    # the magics show it under the turn, once
+    shell.magics_manager.registry["AcpMagics"].current = sid
+    started = time.monotonic()
+    out, rich = acp(shell, "", "/fail")
+    print(f"the %%acp cell of a failed turn took {(time.monotonic() - started) * 1000:.0f} ms")
+    assert rich.count("**Error:**") == 1 and "failed on purpose" in rich and "Traceback" not in out
+
+
+def test_a_turn_whose_socket_drops_resumes_without_loss(server: dict, monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """Any close but 4404 (a network drop, a slow reader's 1013) resumes with ?since=."""
+    api = AcpApi(ServerInfo(server["url"], TOKEN))
+    sockets: list[Any] = []
+    real_connect = AcpApi._connect
+    monkeypatch.setattr(AcpApi, "_connect", lambda self, sid, since: sockets.append(
+        real_connect(self, sid, since)) or sockets[-1])
+    sid = api.start("demo", new=True)["id"]
+    seqs: list[int] = []
+
+    def cut_once(frame: dict[str, Any]) -> None:
+        seqs.append(frame["seq"])
+        if len(seqs) == 5 and len(sockets) == 1:
+            sockets[-1].socket.shutdown(stdsocket.SHUT_RDWR)
+
+    result = api.stream(sid, "/stream 300", cut_once)
+    assert len(sockets) == 2 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap, no twice
+    assert result["stop_reason"] == "end_turn" and result["text"] == "".join(f"c{i} " for i in range(300))
+    api.stop(sid)
+
+
+def test_a_session_that_ends_is_said_once_and_not_retried(shell: Any, server: dict,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    api = AcpApi(ServerInfo(server["url"], TOKEN))
+    sockets: list[Any] = []
+    real_connect = AcpApi._connect
+
+    def counting_connect(self: AcpApi, session_id: str, since: int) -> Any:
+        sockets.append(real_connect(self, session_id, since))
+        return sockets[-1]
+
+    monkeypatch.setattr(AcpApi, "_connect", counting_connect)
+    # an unknown id: the socket is closed with 4404 at once -> SessionGone (status 404)
+    with pytest.raises(SessionGone) as gone, api.socket("0123456789abcdef", since=0):
+        pass
+    assert gone.value.status == 404 and gone.value.message.startswith("No such session")
+    assert len(sockets) == 1
+    # a turn's socket drops (no close frame) and the session is deleted meanwhile: the resume
+    # is told 4404, and that is final
+    sid = api.start("demo", new=True)["id"]
+    sockets.clear()
+
+    def cut_and_delete(frame: dict[str, Any]) -> None:
+        if frame["type"] == "chat:message":
+            sockets[-1].socket.shutdown(stdsocket.SHUT_RDWR)
+            api.stop(sid)
+
+    started = time.monotonic()
+    with pytest.raises(SessionGone) as gone:
+        api.stream(sid, "/sleep 30", cut_and_delete)
+    print(f"SessionGone {time.monotonic() - started:.2f} s after the prompt, after "
+          f"{len(sockets)} connections: {gone.value}")
+    assert gone.value.status == 404 and len(sockets) == 2  # the turn's, and one resume
+    time.sleep(RESUME_DELAYS[0] + RESUME_DELAYS[1])
+    assert len(sockets) == 2  # nothing retried after the 4404
+    # %%acp on the session in use, now gone: one line, and it is no longer in use
+    magics = shell.magics_manager.registry["AcpMagics"]
+    magics.current = sid
+    out, rich = acp(shell, "", "hello?")
+    assert out == f"acp: No agent session with id {sid!r} — the next %%acp starts a new session\n"
+    assert "Traceback" not in rich and magics.current is None and len(sockets) == 2
+    # deleted while a cell's turn runs: the turn ends there, saying why
+    acp(shell, "start --agent demo --new")
+    sid = magics.current
+
+    def delete_when_busy() -> None:
+        deadline = time.time() + 30
+        while time.time() < deadline and api.session(sid)["state"] != "busy":
+            time.sleep(0.05)
+        api.stop(sid)
+
+    threading.Thread(target=delete_when_busy, daemon=True).start()
+    started = time.monotonic()
+    out, rich = acp(shell, "", "/sleep 30")
+    assert time.monotonic() - started < 15 and out == ""
+    assert rich.count("**Error:** The session was stopped during the turn") == 1, rich
 
 
 def test_chat_panel_streams_and_answers_a_permission(server: dict) -> None:

@@ -225,12 +225,12 @@ async def test_seed_operations(manager, acp_ledger, acp_workspace_root):
     assert [s.id for s in manager.get_user_sessions("alice")] == [a1.id, a2.id]
     assert manager.get_user_session("alice", a2.id) is a2
 
-    record_id = manager.update_token_usage("alice", a1.id, {"input_tokens": 7, "output_tokens": 5,
-                                                            "total_tokens": 12, "source": "gateway"})
+    record_id = await manager.update_token_usage("alice", a1.id, {"input_tokens": 7, "output_tokens": 5,
+                                                                  "total_tokens": 12, "source": "gateway"})
     assert record_id > 0
     assert manager.get_session_stats("alice", a1.id)["tokens"]["total_tokens"] == 12
     with pytest.raises(BadRequest):
-        manager.update_token_usage("alice", a1.id, {"bogus": 1})
+        await manager.update_token_usage("alice", a1.id, {"bogus": 1})
 
     (acp_workspace_root / "sub").mkdir()
     a3 = await manager.create_user_session("alice", "demo", new=True, cwd="sub")
@@ -239,6 +239,8 @@ async def test_seed_operations(manager, acp_ledger, acp_workspace_root):
         await manager.create_user_session("alice", "demo", cwd="../..")
     with pytest.raises(BadRequest):
         await manager.create_user_session("alice", "demo", cwd="missing-dir")
+    with pytest.raises(BadRequest, match="not valid Unicode"):  # (was a UnicodeEncodeError)
+        await manager.create_user_session("alice", "demo", cwd="sub/\ud800")
 
     await manager.delete_user_session("alice", a2.id)
     assert a2.state is SessionState.STOPPED
@@ -273,7 +275,7 @@ async def test_two_users_are_isolated(manager):
     with pytest.raises(SessionNotFound):
         manager.get_session_stats("bob", a.id)
     with pytest.raises(SessionNotFound):
-        manager.update_token_usage("bob", a.id, {"input_tokens": 1})
+        await manager.update_token_usage("bob", a.id, {"input_tokens": 1})
     with pytest.raises(SessionNotFound):
         await manager.restart_user_session("bob", a.id)
     b = await manager.create_user_session("bob", "demo")  # bob never gets alice's session

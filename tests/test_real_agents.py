@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import acp_require, wait_for
+from conftest import acp_require, acp_require_backend, wait_for
 from fake_llm import TOOL_DONE_REPLY, FakeLLM
 
 from jupyter_acp.client import AcpClient
 from jupyter_acp.errors import AuthenticationRequired
-from jupyter_acp.sandbox.bubblewrap import BubblewrapSandbox
 from jupyter_acp.session import SessionState
 
 pytestmark = pytest.mark.agent
@@ -50,13 +49,7 @@ def require_agent(name: str) -> str:
 @pytest.fixture(params=[pytest.param("bubblewrap", marks=pytest.mark.sandbox), "local",
                         pytest.param("docker", marks=pytest.mark.docker)])
 def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "bubblewrap":
-        ok, why = BubblewrapSandbox.available()
-        acp_require("JUPYTER_ACP_REQUIRE_SANDBOX", ok, f"bubblewrap cannot run here: {why}")
-    if request.param == "docker":
-        from test_docker_sandbox import require_docker
-
-        require_docker()
+    acp_require_backend(request.param)
     return request.param
 
 

@@ -23,7 +23,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClientConnection
 from traitlets.config import Config
 
-from jupyter_acp.handlers import handlers
+from jupyter_acp.handlers import GONE_REASON, STOPPED_REASON, handlers
 from jupyter_acp.testing import TokenPerUser, auth
 
 OPENAPI = yaml.safe_load((Path(__file__).parents[1] / "jupyter_acp" / "openapi.yaml").read_text())
@@ -379,9 +379,7 @@ async def test_another_user_gets_404_on_every_route_and_the_socket(api: Any, jp_
     # exactly what an id that never existed gets
     assert (await api("GET", "sessions/0123456789abcdef", user="bob"))[1]["message"] == \
         (await api("GET", f"sessions/{sid}", user="bob"))[1]["message"].replace(sid, "0123456789abcdef")
-    with pytest.raises(HTTPClientError) as e:
-        await ws_connect(jp_ws_fetch, sid, user="bob")
-    assert e.value.code == 404
+    assert await closed_at_once(await ws_connect(jp_ws_fetch, sid, user="bob")) == (4404, GONE_REASON)
     assert (await api("DELETE", f"sessions/{sid}", user="bob"))[0] == 404
     assert (await api("GET", "sessions", user="bob"))[1] == {"sessions": []}
     # alice's session went on untouched: her permission request is still pending
@@ -391,6 +389,73 @@ async def test_another_user_gets_404_on_every_route_and_the_socket(api: Any, jp_
     assert (await api("POST", answer, {"option_id": None}))[0] == 204
     await frames_until(ws, "chat:response")
     ws.close()
+
+
+async def next_raw(ws: WebSocketClientConnection) -> Any:
+    return await asyncio.wait_for(ws.read_message(), 20)
+
+
+def flat(raw: Any) -> list[dict[str, Any]]:
+    """The events of a frame of a ``?batch=1`` socket (one object, or an array of them)."""
+    data = json.loads(raw)
+    return data if isinstance(data, list) else [data]
+
+
+async def closed_at_once(ws: WebSocketClientConnection) -> tuple[int | None, str | None]:
+    """The socket is closed before any frame (no hello): its close code and reason."""
+    assert await asyncio.wait_for(ws.read_message(), 10) is None, "a frame came before the close"
+    ws.close()
+    return ws.close_code, ws.close_reason
+
+
+async def test_a_socket_to_a_session_that_is_not_mine_opens_and_closes_with_4404(
+        api: Any, jp_ws_fetch: Any) -> None:
+    """A browser sees an HTTP error before the upgrade only as 1006, like a network drop, and
+    would reconnect forever: an unknown, another user's or a deleted session's socket opens and
+    is closed with 4404 and one reason for all three (ids leak nothing)."""
+    sid = (await start(api))["id"]
+    unknown = await closed_at_once(await ws_connect(jp_ws_fetch, "0123456789abcdef"))
+    foreign = await closed_at_once(await ws_connect(jp_ws_fetch, sid, user="bob"))
+    assert unknown == foreign == (4404, GONE_REASON)
+    assert sid not in GONE_REASON and "alice" not in GONE_REASON
+    assert (await api("DELETE", f"sessions/{sid}"))[0] == 204
+    assert await closed_at_once(await ws_connect(jp_ws_fetch, sid, since=0)) == (4404, GONE_REASON)
+    # authentication and authorization are still refused before the upgrade
+    with pytest.raises(HTTPClientError) as refused:
+        await jp_ws_fetch("api", "acp", "sessions", sid, "ws", headers={"Authorization": "token nobody"})
+    assert refused.value.code == 403
+
+
+@pytest.mark.parametrize("how", ["deleted", "culled", "server stopping"])
+async def test_open_sockets_of_a_session_that_ends_get_its_last_event_then_4404(
+        api: Any, jp_ws_fetch: Any, jp_serverapp: Any, how: str) -> None:
+    sid = (await start(api))["id"]
+    manager = jp_serverapp.web_app.settings["acp_manager"]
+    plain = await ws_connect(jp_ws_fetch, sid)
+    batched = await jp_ws_fetch("api", "acp", "sessions", sid, "ws", headers=auth("alice"),
+                                params={"batch": "1"})
+    await frames_until(plain, "history:end")
+    while not any(f["type"] == "history:end" for f in flat(await next_raw(batched))):
+        pass
+    plain.write_message(json.dumps({"type": "chat:message", "message": "/sleep 30"}))
+    await frames_until(plain, "chat:message")
+    if how == "deleted":
+        assert (await api("DELETE", f"sessions/{sid}"))[0] == 204
+    elif how == "server stopping":
+        await next(iter(jp_serverapp.extension_manager.extension_apps["jupyter_acp"])).stop_extension()
+    else:  # the idle monitor's cull (a running turn is never culled: cancel it first)
+        await api("POST", f"sessions/{sid}/cancel")
+        await frames_until(plain, "chat:response")
+        manager.get_user_session("alice", sid).last_activity -= 3600
+        assert await manager.cleanup(max_age=60) == [sid]
+    for ws in (plain, batched):
+        events = []
+        while (raw := await next_raw(ws)) is not None:
+            events += flat(raw)
+        assert events[-1]["type"] == "state" and events[-1]["data"]["state"] == "stopped", events[-3:]
+        assert (ws.close_code, ws.close_reason) == (4404, STOPPED_REASON)
+        ws.close()
+    assert jp_serverapp.web_app.settings["acp_fanouts"] == {}  # nothing left subscribed
 
 
 async def test_usage_is_private_except_to_admins(api: Any) -> None:

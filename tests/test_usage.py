@@ -1,14 +1,29 @@
-"""Usage normalisation of each agent's report shape, and the ledger's queries and quota."""
+"""Usage normalisation of each agent's report shape; the ledger's queries, quota, async API and spool."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sqlite3
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from acp import schema
+from sqlalchemy import event
 
 from jupyter_acp.errors import QuotaExceeded
-from jupyter_acp.usage import TurnUsage, UsageLedger, UsageNormalizer, utc_day
+from jupyter_acp.usage import (
+    LedgerUnavailable,
+    QuotaUnavailable,
+    RecordOutcome,
+    TurnUsage,
+    UsageLedger,
+    UsageNormalizer,
+    utc_day,
+)
 
 
 def chunk(meta: dict | None = None) -> schema.AgentMessageChunk:
@@ -123,3 +138,184 @@ def test_the_ledger_file_is_private(tmp_path):
     db.chmod(0o644)  # one made by an earlier version is made private when opened
     UsageLedger(db_url=f"sqlite:///{db}").engine.dispose()
     assert db.stat().st_mode & 0o777 == 0o600
+
+
+# -- the ledger off the event loop, and its spool (issue 14, items 10 and 11) ---------------------
+def locked(db: Path) -> sqlite3.Connection:
+    """Another connection holding the database's write lock (as root too, unlike a chmod)."""
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    return holder
+
+
+def usage(tokens: int) -> TurnUsage:
+    return TurnUsage(input_tokens=tokens, total_tokens=tokens)
+
+
+def record(ledger: UsageLedger, tokens: int, turn: int = 1, user: str = "alice") -> RecordOutcome:
+    return ledger.record(user=user, session_id="s1", agent="demo", turn=turn, usage=usage(tokens),
+                         started_at=time.time())
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[UsageLedger]:
+    ledger = UsageLedger(db_url=f"sqlite:///{tmp_path / 'db' / 'u.sqlite'}", write_timeout=0.1,
+                         spool_path=str(tmp_path / "spool" / "usage.spool"), spool_retry_interval=3600)
+    ledger.engine  # noqa: B018
+    yield ledger
+    ledger.close()
+
+
+async def test_the_async_api_uses_the_database_only_in_the_ledgers_threads(ledger):
+    threads: set[str] = set()
+    event.listen(ledger.engine, "before_cursor_execute",
+                 lambda *args: threads.add(threading.current_thread().name))
+    ledger.max_tokens_per_user_per_day = 100
+
+    class Owner:
+        """(a session, for the ledger)"""
+
+    owner = Owner()
+    outcome = await ledger.arecord(user="alice", session_id="s1", agent="demo", turn=1, usage=usage(30),
+                                   started_at=time.time(), owner=owner)
+    assert outcome.id is not None and not outcome.spooled and outcome.stored
+    await ledger.acheck_quota("alice")
+    assert await ledger.atokens_today("alice") == 30
+    assert (await ledger.asession_totals("s1"))["total_tokens"] == 30
+    assert (await ledger.auser_totals("alice"))["turns"] == 1
+    assert [r["session_id"] for r in await ledger.aper_session("alice")] == ["s1"]
+    assert (await ledger.aper_day())[0]["total_tokens"] == 30
+    assert len(await ledger.aturns("s1")) == 1
+    assert threads and all(name.startswith("acp-ledger") for name in threads), threads
+    # the session's stats come from memory, and no failure is pending
+    assert ledger.live_totals(owner)["total_tokens"] == 30 and ledger.take_problem(owner) is None
+
+
+def test_a_record_the_database_cannot_take_waits_in_a_private_spool(ledger):
+    assert record(ledger, 10).id is not None
+    holder = locked(Path(ledger.engine.url.database))
+    try:
+        outcome = record(ledger, 20, turn=2)
+        assert outcome.spooled and outcome.id is None and "database is locked" in outcome.error
+        spool = ledger.spool.path
+        assert spool.stat().st_mode & 0o777 == 0o600 and spool.parent.stat().st_mode & 0o777 == 0o700
+        [row] = ledger.spool.read()
+        assert row["record_uid"] == outcome.uid and row["total_tokens"] == 20
+        # reads (WAL) still work, and count the spool
+        assert ledger.session_totals("s1")["total_tokens"] == 30
+        assert ledger.session_totals("s1")["turns"] == 2 and ledger.tokens_today("alice") == 30
+    finally:
+        holder.rollback()
+        holder.close()
+    assert record(ledger, 5, turn=3).id is not None  # the database is back: the spool goes in
+    assert not ledger.spool.has_records()
+    assert ledger.session_totals("s1")["total_tokens"] == 35
+    assert [t["turn"] for t in ledger.turns("s1")] == [1, 2, 3]
+
+
+def test_a_replay_that_crashed_before_emptying_the_spool_counts_nothing_twice(ledger):
+    holder = locked(Path(ledger.engine.url.database))
+    try:
+        for turn in (1, 2, 3):
+            assert record(ledger, 10 * turn, turn=turn).spooled
+    finally:
+        holder.rollback()
+        holder.close()
+    spooled = ledger.spool.path.read_bytes()
+    assert record(ledger, 1, turn=4).id is not None and not ledger.spool.has_records()
+    # as if the replay had committed, then died before it emptied the spool
+    ledger.spool.path.write_bytes(spooled)
+    assert ledger.session_totals("s1")["total_tokens"] == 61  # (read: not counted twice)
+    assert ledger.tokens_today("alice") == 61
+    assert record(ledger, 2, turn=5).id is not None and not ledger.spool.has_records()
+    assert ledger.session_totals("s1")["total_tokens"] == 63
+    assert len(ledger.turns("s1")) == 5
+
+
+def test_a_spooled_record_the_database_refuses_does_not_hold_back_the_others(ledger):
+    good = {"record_uid": "a" * 32, "user": "alice", "session_id": "s1", "agent": "demo", "model": None,
+            "turn": 1, "input_tokens": 7, "output_tokens": 0, "thought_tokens": 0,
+            "cached_read_tokens": 0, "cached_write_tokens": 0, "total_tokens": 7, "cost": 0.0,
+            "currency": None, "source": "none", "started_at": 0.0, "ended_at": 0.0, "day": utc_day()}
+    ledger.spool.append({**good, "record_uid": "b" * 32, "user": None})  # NOT NULL: refused for good
+    ledger.spool.append(good)
+    with ledger.spool.path.open("ab") as f:
+        f.write(b'{"torn": ')  # a crash mid-append: the next append starts a new line
+    ledger.spool.append({**good, "record_uid": "c" * 32, "turn": 2})
+    assert record(ledger, 1, turn=3).id is not None
+    assert not ledger.spool.has_records()
+    assert ledger.session_totals("s1")["total_tokens"] == 15
+    rejected = ledger.spool.rejected_path
+    assert json.loads(rejected.read_text())["record_uid"] == "b" * 32
+    assert rejected.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_quota_counts_the_spool_and_outlives_an_unreadable_database(ledger):
+    """While the database cannot be read, the quota check goes on from the last value read today
+    plus the spool; a user never read today is refused (503), never let through unmetered."""
+    ledger.max_tokens_per_user_per_day = 100
+    record(ledger, 60)
+    ledger.check_quota("alice")  # 60 of 100, read from the database
+    db = Path(ledger.engine.url.database)
+    ledger.engine.dispose()
+    db.rename(db.with_name("moved"))
+    db.write_bytes(b"this is not a database" * 100)  # unreadable and unwritable, for root too
+    try:
+        with pytest.raises(LedgerUnavailable):
+            ledger.session_totals("s1")
+        assert record(ledger, 30, turn=2).spooled
+        ledger.check_quota("alice")  # 90 of 100
+        assert record(ledger, 15, turn=3).spooled
+        with pytest.raises(QuotaExceeded, match="105 of 100"):
+            ledger.check_quota("alice")
+        with pytest.raises(QuotaUnavailable) as refused:
+            ledger.check_quota("bob")
+        assert refused.value.status == 503
+    finally:
+        ledger.engine.dispose()
+        db.with_name("moved").replace(db)
+    assert record(ledger, 1, turn=4).id is not None
+    assert ledger.tokens_today("alice") == 106 and not ledger.spool.has_records()
+
+
+def test_an_older_ledger_gets_the_record_uid_column(tmp_path):
+    db = tmp_path / "old.sqlite"
+    old = sqlite3.connect(db)
+    old.execute("CREATE TABLE acp_usage (id INTEGER PRIMARY KEY, user VARCHAR(255) NOT NULL, "
+                "session_id VARCHAR(64) NOT NULL, agent VARCHAR(255) NOT NULL, model VARCHAR(255), "
+                "turn INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, "
+                "thought_tokens INTEGER NOT NULL, cached_read_tokens INTEGER NOT NULL, "
+                "cached_write_tokens INTEGER NOT NULL, total_tokens INTEGER NOT NULL, cost FLOAT NOT NULL, "
+                "currency VARCHAR(8), source VARCHAR(32) NOT NULL, started_at FLOAT NOT NULL, "
+                "ended_at FLOAT NOT NULL, day VARCHAR(10) NOT NULL)")
+    old.execute("INSERT INTO acp_usage VALUES (1, 'alice', 's1', 'demo', NULL, 1, 4, 0, 0, 0, 0, 4, 0, "
+                f"NULL, 'none', 0, 0, '{utc_day()}')")
+    old.commit()
+    old.close()
+    ledger = UsageLedger(db_url=f"sqlite:///{db}")
+    try:
+        assert record(ledger, 6, turn=2).id == 2
+        assert ledger.session_totals("s1")["total_tokens"] == 10
+        indexes = {r[1]: r[2] for r in sqlite3.connect(db).execute("PRAGMA index_list(acp_usage)")}
+        assert indexes["ix_acp_usage_record_uid"] == 1  # unique
+    finally:
+        ledger.close()
+
+
+async def test_a_record_is_not_given_up_when_its_caller_is_cancelled(tmp_path):
+    """A turn's record, once begun, is written even if the turn's task is cancelled meanwhile
+    (a client went away); the cancellation then reaches the task."""
+    ledger = UsageLedger(db_url=f"sqlite:///{tmp_path / 'u.sqlite'}", write_timeout=30)
+    holder = locked(Path(ledger.engine.url.database))
+    task = asyncio.create_task(ledger.arecord(user="alice", session_id="s1", agent="demo", turn=1,
+                                              usage=usage(9), started_at=time.time()))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    await asyncio.sleep(0.2)
+    assert not task.done()
+    holder.rollback()
+    holder.close()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ledger.session_totals("s1")["total_tokens"] == 9 and not ledger.spool.has_records()
+    ledger.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from jupyter_acp.manager import safe_username
+from jupyter_acp.usernames import safe_username
 
 TRICKY = ["张三", "李四", "bob", ".bob", "Bob", "BOB", "a b", "a-b", "a_b", "a.b", "a-2Eb", "-", "--",
           ".", "..", "", "x" * 300, "x" * 300 + "y", "é" * 200, "é" * 200 + "e", "../etc", "a/b",

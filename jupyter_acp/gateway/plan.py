@@ -12,8 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..agents import AgentSpec
-from ..usage import TurnUsage
-from .server import DEFAULT_UPSTREAMS, GatewayRoute, LlmGateway
+from .server import DEFAULT_UPSTREAMS, GatewayRoute, LlmGateway, QuotaCallback, UsageCallback
 
 
 @dataclass
@@ -36,8 +35,9 @@ def uses_gateway(gateway: LlmGateway, spec: AgentSpec, creds: dict[str, str]) ->
 
 
 def plan_launch(gateway: LlmGateway, spec: AgentSpec, creds: dict[str, str], admin: dict[str, str], *,
-                session_id: str, user: str, on_usage: Callable[[TurnUsage], None],
-                check_quota: Callable[[], None]) -> Launch:
+                session_id: str, user: str, on_usage: UsageCallback,
+                check_quota: QuotaCallback, on_refused: Callable[[str], None] | None = None
+                ) -> Launch:
     """The launch of ``spec``; opens a gateway route when one is used (the caller closes it)."""
     argv = spec.argv(creds.get("model"))
     ro_paths = spec.runtime_ro_paths()
@@ -48,7 +48,8 @@ def plan_launch(gateway: LlmGateway, spec: AgentSpec, creds: dict[str, str], adm
     trusted = [u for u in (admin.get("base_url"), DEFAULT_UPSTREAMS[spec.llm_api]) if u]
     gateway.check_endpoint(upstream, trusted)
     route = gateway.open_route(session_id=session_id, user=user, api=spec.llm_api, upstream=upstream,
-                               api_key=creds["api_key"], on_usage=on_usage, check_quota=check_quota)
+                               api_key=creds["api_key"], on_usage=on_usage, check_quota=check_quota,
+                               on_refused=on_refused)
     visible = {k: v for k, v in creds.items() if k not in ("api_key", "base_url")}
     env = {spec.credential_env["api_key"]: route.dummy_key}
     argv = gateway.relay_argv(route, argv, {spec.credential_env["base_url"]: route.agent_base_url})

@@ -12,7 +12,8 @@ For every request the route:
    ``?key=``) — 401 otherwise;
 2. refuses it with HTTP 429 (a JSON error in the agent's own API format, and
    ``x-should-retry: false`` so OpenAI clients do not retry) when the user's daily quota is
-   used up;
+   used up, and tells the route's ``on_refused``: real agents retry a 429 anyway (for minutes),
+   so the session ends the turn itself (``AgentSession.quota_refused``);
 3. forwards it to the one upstream endpoint fixed when the session started — which must be an
    endpoint the admin allows — with the *real* credentials, which never enter the sandbox;
 4. relays the response as it streams, while ``UsageMeter`` reads its ``usage`` block; for
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -38,7 +40,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,18 @@ def _error_body(api: str, status: int, message: str, kind: str) -> dict[str, Any
     return {"error": {"message": message, "type": kind, "code": kind}}
 
 
+#: The route's usage and quota callbacks: coroutine functions (the session manager's: the ledger
+#: works in its own threads, never on this event loop) or plain functions (tests, scripts).
+UsageCallback = Callable[[TurnUsage], Awaitable[None] | None]
+QuotaCallback = Callable[[], Awaitable[None] | None]
+
+
+async def _settle(result: Awaitable[None] | None) -> None:
+    """Await a callback's result if it is awaitable (see ``UsageCallback``)."""
+    if inspect.isawaitable(result):
+        await result
+
+
 @dataclass
 class GatewayRoute:
     """One session's way out: its socket, its dummy key, its fixed upstream."""
@@ -96,8 +110,10 @@ class GatewayRoute:
     """The real endpoint's base URL (e.g. ``https://…/v1``); fixed for the session's life."""
     socket_path: str
     dummy_key: str
-    on_usage: Callable[[TurnUsage], None]
-    check_quota: Callable[[], None]
+    on_usage: UsageCallback
+    check_quota: QuotaCallback
+    on_refused: Callable[[str], None] | None = None
+    """Told each quota refusal's message (the session ends its turn: agents retry a 429)."""
     _real_key: str = field(repr=False, default="")
     _server: HTTPServer | None = field(repr=False, default=None)
     requests: int = 0
@@ -192,20 +208,24 @@ class LlmGateway(LoggingConfigurable):
 
     # -- routes --------------------------------------------------------------------------------
     def open_route(self, *, session_id: str, user: str, api: str, upstream: str, api_key: str,
-                   on_usage: Callable[[TurnUsage], None], check_quota: Callable[[], None]) -> GatewayRoute:
+                   on_usage: UsageCallback, check_quota: QuotaCallback,
+                   on_refused: Callable[[str], None] | None = None) -> GatewayRoute:
         if api not in APIS:
             raise ValueError(f"Unknown LLM API {api!r}")
+        # private (mkdtemp's 0700): the sandbox reaches it as the same uid (bubblewrap maps it),
+        # or the Docker backend gives it to the container's user (DockerSandbox.chown_rw_paths)
+        os.makedirs(self.socket_dir, mode=0o700, exist_ok=True)  # (an admin's may not exist yet)
         directory = tempfile.mkdtemp(prefix="jacp-llm-", dir=self.socket_dir)
-        os.chmod(directory, 0o755)  # the sandbox's uid must reach the socket; the key guards it
         path = os.path.join(directory, "llm.sock")
         route = GatewayRoute(session_id=session_id, user=user, api=api, upstream=upstream.rstrip("/"),
                              socket_path=path, dummy_key=f"jacp-{secrets.token_urlsafe(24)}",
-                             on_usage=on_usage, check_quota=check_quota, _real_key=api_key)
+                             on_usage=on_usage, check_quota=check_quota, on_refused=on_refused,
+                             _real_key=api_key)
         app = web.Application([(r"/(.*)", _ProxyHandler, {"route": route, "gateway": self})])
         server = _BoundedHTTPServer(app, max_body_size=self.max_request_bytes)
         server.max_connections = self.max_connections_per_session
         server.label = session_id
-        server.add_socket(bind_unix_socket(path, mode=0o666))
+        server.add_socket(bind_unix_socket(path, mode=0o600))
         route._server = server
         self.routes[session_id] = route
         log.info("LLM gateway route for session %s (%s API, upstream %s)", session_id, api, route.upstream)
@@ -308,10 +328,16 @@ class _ProxyHandler(web.RequestHandler):
             self._fail(403, "That endpoint is not allowed", "forbidden")
             return
         try:
-            route.check_quota()
+            await _settle(route.check_quota())
         except QuotaExceeded as e:
             log.info("LLM gateway: quota refusal for %s (session %s)", route.user, route.session_id)
             self._fail(429, str(e), "insufficient_quota")
+            if route.on_refused is not None:  # agents retry a 429 for minutes: the session ends the turn
+                try:
+                    route.on_refused(str(e))
+                except Exception:
+                    log.exception("LLM gateway: could not end the refused turn of session %s",
+                                  route.session_id)
             return
         body = self._body(self.request.body)
         headers = httputil.HTTPHeaders()
@@ -352,7 +378,7 @@ class _ProxyHandler(web.RequestHandler):
         usage = meter.result()
         if usage is not None and usage.total_tokens:
             try:
-                route.on_usage(usage)
+                await _settle(route.on_usage(usage))
             except Exception:
                 log.exception("LLM gateway: could not record usage of session %s", route.session_id)
         log.debug("LLM gateway: %s %s -> %s (%s tokens) for session %s", self.request.method, full,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -40,6 +41,21 @@ class AcpApiError(Exception):
 
 class NoServerFound(AcpApiError):
     """This kernel was not started by a Jupyter server we can find (e.g. plain ``ipython``)."""
+
+
+class SessionGone(AcpApiError):
+    """The session does not exist (any more) for us: deleted, culled when idle, gone with a
+    server restart, or never ours. Final: nothing is retried, the caller says it once."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 404)
+
+
+#: WebSocket close code of a session that does not exist for this user (docs/api.md).
+CLOSE_GONE = 4404
+#: Seconds to wait before each attempt to resume a turn's stream after its socket dropped
+#: (a slow reader's 1013, a network blip); then the stream gives up.
+RESUME_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 @dataclass(frozen=True)
@@ -141,14 +157,11 @@ class AcpApi:
         return self.request("GET", "usage")
 
     # -- WebSocket -----------------------------------------------------------------------------
-    @contextmanager
-    def socket(self, session_id: str, since: int | None = None) -> Iterator[Any]:
-        """The session's WebSocket, past its history (``since``: default the latest event)."""
+    def _connect(self, session_id: str, since: int) -> Any:
+        """One WebSocket to the session, past the events up to ``since``."""
         from websockets.exceptions import InvalidStatus
         from websockets.sync.client import connect
 
-        if since is None:
-            since = self.session(session_id)["last_seq"]
         base = "ws" + self.server.url[len("http"):]
         url = f"{base}api/acp/sessions/{_quote(session_id)}/ws?since={since}&batch=1"
         headers = {"Authorization": f"token {self.server.token}"} if self.server.token else {}
@@ -157,69 +170,183 @@ class AcpApi:
         except InvalidStatus as e:
             status = e.response.status_code
             raise AcpApiError(_message(e.response.body or b"", status), status) from None
-        with ws:
-            frames = Frames(ws)
-            while frames.recv()["type"] != "history:end":
-                pass
+        # entered like ``with connect(...)`` (websockets 17 warns otherwise); ``Frames.close``
+        # closes it, which is all its exit does
+        return ws.__enter__()
+
+    @contextmanager
+    def socket(self, session_id: str, since: int | None = None) -> Iterator[Frames]:
+        """The session's WebSocket, past its history (``since``: default the latest event).
+
+        A session that does not exist (any more) raises ``SessionGone``, here or from
+        ``Frames.recv`` when it ends while the socket is open."""
+        if since is None:
+            try:
+                since = self.session(session_id)["last_seq"]
+            except AcpApiError as e:
+                if e.status == 404:
+                    raise SessionGone(e.message) from None
+                raise
+        frames = Frames(lambda after: self._connect(session_id, after), since)
+        try:
+            frames.open()
             yield frames
+        finally:
+            frames.close()
 
     def stream(self, session_id: str, text: str, on_event: Callable[[dict[str, Any]], None],
                on_interrupt: Callable[[], None] | None = None) -> dict[str, Any]:
         """Send ``text`` as a prompt and feed every event to ``on_event`` until the turn ends.
 
-        Returns the ``chat:response`` data (text, stop_reason, usage). A refusal (busy, quota,
-        too large) raises ``AcpApiError``; a KeyboardInterrupt (a kernel interrupt) cancels the
-        turn at the agent and the stream goes on to the turn's (cancelled) end.
+        Returns the ``chat:response`` data (text, stop_reason, usage), with ``"error"``: the
+        message of the turn's ``error`` event when it failed (the server sends it before the
+        ``chat:response``, so the turn's end is the end: nothing is waited for after it).
+        A refusal (busy, quota, too large) raises ``AcpApiError``; a session deleted or culled
+        meanwhile raises ``SessionGone`` (once: nothing is retried). A dropped socket is
+        resumed with ``?since=`` (``RESUME_DELAYS``) once the turn has started. A
+        KeyboardInterrupt (a kernel interrupt) cancels the turn at the agent and the stream goes
+        on to the turn's (cancelled) end.
         """
         with self.socket(session_id) as ws:
             ws.send(json.dumps({"type": "chat:message", "message": text}))
-            result: dict[str, Any] | None = None
+            started = False  # our chat:message event was seen: the turn runs on the server
+            turn: int | None = None
+            errors: list[str] = []
             while True:
                 try:
-                    frame = ws.recv(timeout=None if result is None else 2)
+                    frame = ws.recv(resume=started)
                 except KeyboardInterrupt:
-                    ws.send(json.dumps({"type": "cancel"}))
+                    try:
+                        ws.send(json.dumps({"type": "cancel"}))
+                    except Exception:  # (interrupted while the socket was being resumed)
+                        self.cancel(session_id)
                     if on_interrupt is not None:
                         on_interrupt()
                     continue
-                except TimeoutError:
-                    return result  # type: ignore[return-value]
                 kind = frame["type"]
                 if kind == "error" and "seq" not in frame:  # refused, for this socket only
                     raise AcpApiError(frame["data"]["message"], frame["data"].get("status", 400))
+                data = frame.get("data") or {}
+                if not started and kind in ("chat:response", "error"):
+                    on_event(frame)  # the end (or an error) of an earlier turn: not ours
+                    continue
                 on_event(frame)
-                if kind == "chat:response":
-                    result = frame["data"]
-                    if result.get("stop_reason") != "error":
-                        return result
-                elif kind == "error" and result is not None:  # why the turn failed
-                    result = {**result, "error": frame["data"]["message"]}
-                    return result
+                if kind == "chat:message" and not started:
+                    started, turn = True, data.get("turn")
+                elif kind == "error" and data.get("turn") == turn:
+                    errors.append(str(data.get("message", "")))
+                elif kind == "chat:response" and data.get("turn", turn) == turn:
+                    if not errors and data.get("stop_reason") == "error":
+                        # a server that sends the error after the turn's end: it came in the same
+                        # burst, so look only at what is already here (no waiting)
+                        for late in ws.received():
+                            if late["type"] == "error" and (late.get("data") or {}).get("turn") == turn:
+                                on_event(late)
+                                errors.append(str(late["data"].get("message", "")))
+                    return {**data, "error": "; ".join(errors)} if errors else data
 
 
 class Frames:
     """One event at a time from a ``?batch=1`` socket, whose frames hold one event (an object)
-    or a burst of them (an array, in order)."""
+    or a burst of them (an array, in order).
 
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
+    It remembers the last ``seq`` it gave out: after a drop, ``recv(resume=True)`` reconnects
+    with ``?since=`` that seq and goes on with exactly the missed events. A close with
+    ``CLOSE_GONE`` (the session ended, or is not ours) raises ``SessionGone`` and is final."""
+
+    def __init__(self, connect: Callable[[int], Any], since: int) -> None:
+        self._connect = connect
+        self.last_seq = since
+        self.ws: Any = None
         self._queue: deque[dict[str, Any]] = deque()
 
-    def recv(self, timeout: float | None = None) -> dict[str, Any]:
-        while not self._queue:
-            data = json.loads(self.ws.recv(timeout=timeout))
+    def open(self) -> None:
+        """Connect and read the replay up to ``history:end``; its events are queued."""
+        from websockets.exceptions import ConnectionClosed
+
+        self.close()
+        self.ws = self._connect(self.last_seq)
+        try:
+            while True:
+                data = json.loads(self.ws.recv())
+                for frame in data if isinstance(data, list) else [data]:
+                    if frame.get("type") == "history:end":
+                        return
+                    if "seq" in frame:
+                        self._queue.append(frame)
+        except ConnectionClosed as e:
+            raise _closed(e) from None
+
+    def recv(self, timeout: float | None = None, *, resume: bool = False) -> dict[str, Any]:
+        """The next event (or control frame). ``resume``: reconnect after a drop instead of
+        raising ``AcpApiError`` (never after a ``CLOSE_GONE``, which raises ``SessionGone``)."""
+        from websockets.exceptions import ConnectionClosed
+
+        while True:
+            while self._queue:
+                frame = self._queue.popleft()
+                seq = frame.get("seq")
+                if isinstance(seq, int):
+                    if seq <= self.last_seq:
+                        continue  # (seen before a reconnect)
+                    self.last_seq = seq
+                return frame
+            try:
+                data = json.loads(self.ws.recv(timeout=timeout))
+            except ConnectionClosed as e:
+                error = _closed(e)
+                if isinstance(error, SessionGone) or not resume:
+                    raise error from None
+                self._resume(error)
+                continue
             self._queue.extend(data if isinstance(data, list) else [data])
-        return self._queue.popleft()
+
+    def received(self) -> list[dict[str, Any]]:
+        """The events already received and not yet given out (no waiting), taken."""
+        frames = list(self._queue)
+        self._queue.clear()
+        return frames
+
+    def _resume(self, error: AcpApiError) -> None:
+        """Reconnect with ``?since=`` after a drop; ``error`` if every attempt fails."""
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+        for delay in RESUME_DELAYS:
+            time.sleep(delay)
+            try:
+                self.open()
+                return
+            except SessionGone:
+                raise
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, AcpApiError) as e:
+                error = e if isinstance(e, AcpApiError) else AcpApiError(
+                    f"Lost the connection to the Jupyter server: {e}")
+        raise error
 
     def send(self, text: str) -> None:
         self.ws.send(text)
+
+    def close(self) -> None:
+        ws, self.ws = self.ws, None
+        if ws is not None:
+            ws.close()
+
+
+def _closed(e: Any) -> AcpApiError:
+    """The error for a socket the server closed (``ConnectionClosed``)."""
+    rcvd = e.rcvd
+    if rcvd is not None and rcvd.code == CLOSE_GONE:
+        return SessionGone(rcvd.reason or "The session has ended")
+    why = f"{rcvd.code} {rcvd.reason}".strip() if rcvd is not None else "no close frame"
+    return AcpApiError(f"Lost the connection to the Jupyter server ({why}); the turn may still "
+                       "run there (see %acp stats)")
 
 
 def _quote(part: str) -> str:
     return urllib.parse.quote(str(part), safe="")
 
 
-def _message(body: bytes, status: int) -> str:
+def _message(body: bytes | bytearray, status: int) -> str:
     try:
         return json.loads(body)["message"]
     except (ValueError, KeyError, TypeError):

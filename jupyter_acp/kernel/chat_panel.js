@@ -116,7 +116,8 @@ function render({ model, el: root }) {
     tokens.textContent = `${model.get("tokens")} tokens`;
     error.textContent = model.get("error") || "";
     stop.disabled = model.get("status") !== "busy";
-    send.disabled = model.get("status") === "busy" || !model.get("session_id");
+    // (stopped: the session ended on the server, for good)
+    send.disabled = ["busy", "stopped"].includes(model.get("status")) || !model.get("session_id");
     title.textContent = model.get("agent") || "agent";
   }
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import HTML, Markdown, display
 
-from .api import AcpApi, AcpApiError
+from .api import AcpApi, AcpApiError, SessionGone
 
 USAGE = """Agent sessions from notebook cells (jupyter-acp).
 
@@ -38,6 +39,16 @@ With no session in use, one is started with the default agent. Permission reques
 with an input box (``ask``, the default) or answered by ``allow`` / ``deny``. Interrupting the
 kernel (the stop button) cancels the turn at the agent.
 """
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _named_cell_magic(name: str) -> Callable[[_F], _F]:
+    """``cell_magic(name)``, typed: IPython annotates its magic decorators as taking a function
+    *or* a magic's name and returning either, which types every named use as taking ``Never``.
+    Given a name, it returns a decorator that records the method and returns it unchanged."""
+    return cast("Callable[[_F], _F]", cell_magic(name))
 
 
 class MagicError(Exception):
@@ -178,14 +189,23 @@ class AcpMagics(Magics):
 
     acp.__doc__ = USAGE
 
-    @cell_magic("acp")
+    @_named_cell_magic("acp")
     def acp_cell(self, line: str, cell: str) -> Any:
+        session_id = None
         try:
             args = _cell_parser().parse_args(shlex.split(line))
             if not cell.strip():
                 raise MagicError("The cell is empty: write the prompt below %%acp")
             session_id = self._resolve(args.session) if args.session else self._ensure_session()
             return self._turn(session_id, cell.strip(), args.permissions)
+        except SessionGone as e:
+            # the session ended (deleted elsewhere, culled when idle, a server restart): said
+            # once; the session in use is forgotten so that the next cell does not fail the same way
+            if session_id is not None and session_id == self.current:
+                self.current = None
+                print(f"acp: {e} — the next %%acp starts a new session")
+            else:
+                print(f"acp: {e}")
         except (AcpApiError, MagicError) as e:
             print(f"acp: {e}")
         return None

@@ -17,7 +17,7 @@ from typing import Any
 import anywidget
 import traitlets
 
-from .api import AcpApi, AcpApiError
+from .api import AcpApi, AcpApiError, SessionGone
 
 ESM = Path(__file__).with_name("chat_panel.js")
 
@@ -31,7 +31,7 @@ class ChatPanel(anywidget.AnyWidget):
     status = traitlets.Unicode("starting").tag(sync=True)
     tokens = traitlets.Int(0).tag(sync=True)
     error = traitlets.Unicode("").tag(sync=True)
-    pending = traitlets.List().tag(sync=True)
+    pending: traitlets.List[dict[str, Any]] = traitlets.List().tag(sync=True)
     """Permission requests waiting for an answer: ``{request_id, title, options}``."""
 
     def __init__(self, agent: str | None = None, session_id: str | None = None, *,
@@ -100,7 +100,7 @@ class ChatPanel(anywidget.AnyWidget):
             result = self.api.stream(self.session_id, text, lambda frame: self._event(frame, reply))
         except AcpApiError as e:
             self._fail(str(e))
-            self.status = "ready"
+            self.status = "stopped" if isinstance(e, SessionGone) else "ready"  # (gone: final)
             return
         self.send({"type": "done", "stop_reason": result.get("stop_reason"), "usage": result.get("usage")})
         try:
@@ -118,8 +118,8 @@ class ChatPanel(anywidget.AnyWidget):
         if kind == "session/update":
             update = data.get("sessionUpdate")
             content = data.get("content")
-            is_text = isinstance(content, dict) and content.get("type") == "text"
-            if update == "agent_message_chunk" and is_text:
+            if (update == "agent_message_chunk" and isinstance(content, dict)
+                    and content.get("type") == "text"):
                 reply["text"] += content["text"]
                 self.send({"type": "delta", "text": content["text"]})
             elif update in ("tool_call", "tool_call_update"):

@@ -151,7 +151,9 @@ class CommandProcess(Protocol):
     """A command started inside a sandbox for ACP ``terminal/*`` (asyncio Process shape)."""
 
     stdout: asyncio.StreamReader | None
-    returncode: int | None
+
+    @property
+    def returncode(self) -> int | None: ...  # (read-only: asyncio's Process has a property)
 
     async def wait(self) -> int: ...
 

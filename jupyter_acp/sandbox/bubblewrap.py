@@ -22,6 +22,7 @@ All of bwrap's options, those included, are read from a memfd (``bwrap --args FD
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -29,6 +30,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -149,11 +151,24 @@ class CgroupSet:
                 return int(value)
         return 0
 
-    def remove(self) -> None:
+    def remove(self, timeout: float = 5.0) -> None:
+        """Kill what is left in the groups and remove them. Blocking (run it in a thread): a
+        killed process leaves its group only once the kernel has reaped it, and until then
+        ``rmdir`` fails with EBUSY, so this retries for up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
         for path in self.dirs.values():
-            self._kill_members(path)
-            with contextlib.suppress(OSError):
-                path.rmdir()
+            while True:
+                self._kill_members(path)
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if time.monotonic() > deadline:
+                        log.warning("Could not remove the cgroup %s: %s", path, e.strerror)
+                        break
+                    time.sleep(0.01)
         self.dirs.clear()
 
     @staticmethod
@@ -306,4 +321,4 @@ class BubblewrapSandbox(ProcessSandbox):
 
     async def remove(self) -> None:
         self._oom_kills = max(self._oom_kills, self.cgroups.oom_kills())
-        self.cgroups.remove()
+        await asyncio.to_thread(self.cgroups.remove)

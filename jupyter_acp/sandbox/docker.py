@@ -62,7 +62,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlencode, urlparse
 
 from traitlets import Bool, Dict, Float, Integer, List, MetaHasTraits, TraitError, Unicode, default, validate
@@ -70,6 +70,9 @@ from traitlets.config import LoggingConfigurable
 
 from ..errors import SandboxError
 from .base import AGENT_HOME, STDIO_LINE_LIMIT, CommandProcess, Sandbox, SandboxSpec, check_command
+
+if TYPE_CHECKING:
+    from ..linefilter import ReaduntilSeparator
 
 log = logging.getLogger("jupyter_acp.sandbox")
 
@@ -277,6 +280,8 @@ class BoundedReader(asyncio.StreamReader):
     ``limit`` bytes are unread, so the agent is read at the server's pace (see linefilter) and a
     flood waits in the container's pipe, not in the server. (``_buffer`` is asyncio's own.)"""
 
+    _buffer: bytearray  # (set by StreamReader.__init__; private, so typeshed does not declare it)
+
     def __init__(self, limit: int) -> None:
         super().__init__(limit=limit)
         self._max = limit
@@ -291,7 +296,7 @@ class BoundedReader(asyncio.StreamReader):
         if len(self._buffer) <= self._max:
             self._room.set()
 
-    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+    async def readuntil(self, separator: ReaduntilSeparator = b"\n") -> bytes:
         try:
             return await super().readuntil(separator)
         finally:

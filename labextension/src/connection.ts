@@ -4,7 +4,8 @@
  * The socket replays the session's history on connect; after a drop we reconnect with
  * `?since=<last seq seen>` so only what was missed is sent, and the reducer ignores anything
  * seen twice. Frames sent while the socket is (re)connecting are queued, so "send to agent"
- * works right after a session is created.
+ * works right after a session is created. A session that is gone (close code 4404: deleted,
+ * culled when idle, or unknown) is said once in the chat, and never reconnected.
  */
 
 import { ISignal, Signal } from '@lumino/signaling';
@@ -12,8 +13,14 @@ import { ISignal, Signal } from '@lumino/signaling';
 import { AcpApi } from './api';
 import { emptyView, Frame, reduce, SessionView } from './reducer';
 
-/** Close code the server uses for an unknown or foreign session (docs/api.md). */
-const GONE = 4404;
+/**
+ * Close code of a session that does not exist for this user (docs/api.md): unknown, another
+ * user's, or ended (deleted, culled when idle, server stopped). Reconnecting cannot help.
+ */
+export const GONE = 4404;
+
+/** What the chat says when the server gave no reason with its 4404. */
+export const GONE_MESSAGE = 'This session has ended (it was stopped, or cleaned up after being idle).';
 
 export class SessionConnection {
   private _view: SessionView = emptyView();
@@ -24,7 +31,9 @@ export class SessionConnection {
   private _disposed = false;
   private _changed = new Signal<this, SessionView>(this);
   private _turnEnded = new Signal<this, void>(this);
+  private _ended = new Signal<this, string>(this);
   private _connected = false;
+  private _endedWith: string | null = null;
 
   constructor(
     readonly api: AcpApi,
@@ -52,7 +61,20 @@ export class SessionConnection {
     return this._turnEnded;
   }
 
+  /** Why the session is gone (the server's 4404 reason), or null while it exists. Final. */
+  get ended(): string | null {
+    return this._endedWith;
+  }
+
+  /** Emitted once when the server says the session is gone (4404), with its reason. */
+  get sessionEnded(): ISignal<this, string> {
+    return this._ended;
+  }
+
   send(frame: Record<string, unknown>): void {
+    if (this._endedWith !== null) {
+      return; // nobody will ever read it (the panel starts a new session for a prompt)
+    }
     const text = JSON.stringify(frame);
     if (this._socket && this._socket.readyState === WebSocket.OPEN) {
       this._socket.send(text);
@@ -99,6 +121,16 @@ export class SessionConnection {
     }
   }
 
+  /** The session is gone: say so once in the chat, and stop (no reconnect, queue dropped). */
+  private end(reason: string): void {
+    this._endedWith = reason;
+    this._queue = [];
+    this.apply({ type: 'error', data: { message: reason } });
+    this._view = { ...this._view, state: 'stopped', busy: false, pendingPermissions: [] };
+    this._changed.emit(this._view);
+    this._ended.emit(reason);
+  }
+
   private connect(): void {
     if (this._disposed) {
       return;
@@ -131,12 +163,7 @@ export class SessionConnection {
       this._connected = false;
       this._socket = null;
       if (event.code === GONE) {
-        this.apply({
-          type: 'error',
-          data: { message: 'This session no longer exists (it was ended or cleaned up after being idle).' }
-        });
-        this._view = { ...this._view, state: 'stopped' };
-        this._changed.emit(this._view);
+        this.end(event.reason || GONE_MESSAGE);
         return;
       }
       // back off 0.5, 1, 2, 4, 8 s then every 10 s; history since the last seq is replayed

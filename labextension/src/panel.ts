@@ -253,6 +253,7 @@ export class AcpPanel extends Widget {
       void this.refreshUsage();
       this.onTurnEnd?.();
     });
+    conn.sessionEnded.connect(() => void this.refreshUsage()); // (its list entry goes)
     this._log.replaceChildren();
     this.drawSessions();
     this.schedule();
@@ -390,7 +391,7 @@ export class AcpPanel extends Widget {
       (this._modeSelect.parentElement as HTMLElement).hidden = true;
       return;
     }
-    const where = conn.connected ? view.state : 'reconnecting…';
+    const where = conn.ended !== null ? 'ended' : conn.connected ? view.state : 'reconnecting…';
     const context = view.context?.size ? ` · context ${view.context.used ?? 0}/${view.context.size}` : '';
     this._status.replaceChildren(
       h('span', { className: 'jp-AcpPanel-agentName' }, view.agentDisplayName || view.agent || '…'),

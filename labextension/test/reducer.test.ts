@@ -289,6 +289,25 @@ describe('reduce', () => {
     ]);
   });
 
+  it("shows a turn's error inside that turn: before its end, which ends the turn", () => {
+    // the server sends a failed turn's `error` before its `chat:response` (docs/api.md)
+    seq = 0;
+    const view = reduceAll(reduce(emptyView(), hello()), [
+      { type: 'history:end', data: {} },
+      ev('chat:message', { text: 'hi', turn: 1 }),
+      ev('state', { state: 'busy', error: null }),
+      chunk('Half a repl'),
+      ev('error', { message: 'The agent stopped during the turn: killed', turn: 1 }),
+      ev('chat:response', { text: 'Half a repl', stop_reason: 'error', turn: 1, usage: { total_tokens: 7 } }),
+      ev('state', { state: 'error', error: 'killed' })
+    ]);
+    expect(kinds(view)).toEqual(['user', 'agent', 'error', 'turn']);
+    expect(only(view, 'error')[0].message).toBe('The agent stopped during the turn: killed');
+    expect(only(view, 'turn')[0].stopReason).toBe('error');
+    expect(view.busy).toBe(false);
+    expect(view.turns).toBe(1);
+  });
+
   it('never changes its input and tolerates junk frames', () => {
     seq = 0;
     const start = reduce(emptyView(), hello());
