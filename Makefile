@@ -89,7 +89,7 @@ test: venv labext system-deps docker agents lint jstest
 
 bench: venv system-deps docker
 	@if [ -f $(DOCKER_ENV) ]; then . ./$(DOCKER_ENV); fi; \
-	for b in sandbox_start relay fanout scale; do echo "== bench/$$b.py"; \
+	for b in sandbox_start docker_pool relay fanout scale; do echo "== bench/$$b.py"; \
 	  $(BIN)/python bench/$$b.py || exit 1; done
 
 run: venv labext sandbox-deps

@@ -8,10 +8,11 @@ and ``session/new``. Three instants are taken from the moment ``start()`` is cal
 * ``ready``    ``session/new`` answered: the session-ready time
 
 Backends: local (a plain process), bubblewrap (when installed and usable), docker cold (create +
-attach + start per session) and docker warm (``c.DockerSandbox.warm_pool_size = 1``: a spare
-container with its agent already waiting is attached; measured once the spare is ready, i.e.
-the steady state of a user starting sessions one after another; each spare has waited
-``SPARE_IDLE`` seconds, so its agent has finished starting). Docker needs ``DOCKER_HOST``
+attach + start per session) and docker warm (``c.DockerSandbox.warm_pool_size = 1``: a started
+spare holding nothing of any session is taken and the agent is exec'd in it; measured once the
+spare is ready, i.e. the steady state of a user starting sessions one after another; each spare
+has waited ``SPARE_IDLE`` seconds). ``bench/docker_pool.py`` measures the pool with new sessions
+of one and of several users. Docker needs ``DOCKER_HOST``
 (``scripts/docker-engine``) and the image (``scripts/sandbox-image``).
 
     .venv/bin/python bench/sandbox_start.py [-n 20] [--only local,docker-cold]
@@ -41,8 +42,8 @@ from jupyter_acp.sandbox.base import ResourceLimits, Sandbox, SandboxSpec
 from jupyter_acp.sandbox.local import LocalProcessSandbox
 
 DEMO = [sys.executable, "-m", "jupyter_acp.agents_builtin.demo"]
-#: Seconds a warm spare waits before it is used: longer than the demo agent's start-up (~0.6 s),
-#: so its agent is ready, as for a user who opens a session a moment after the previous one.
+#: Seconds a warm spare waits before it is used, as for a user who opens a session a moment
+#: after the previous one.
 SPARE_IDLE = 1.0
 
 
@@ -147,7 +148,7 @@ async def main() -> None:
             if not ok:
                 notes.append(f"{name}: skipped ({why})")
                 continue
-            fixed = spec()  # a warm spare serves only an identical configuration
+            fixed = spec()  # (any spec of this user and agent would do: a spare holds no session)
             await DockerSandbox.on_manager_start(parent=parent)
             try:
                 if pool:

@@ -4,7 +4,7 @@ Every handler works for the Jupyter identity of the request (``current_user.user
 sees that user's sessions: another user's session id answers 404 exactly like an unknown one (the
 socket: close code 4404, same reason), so ids leak nothing. ``AcpError``s become JSON errors
 with their status and a message written for the user; anything else is a logged 500 without
-details.
+details. Request bodies and client frames are the pydantic models of ``api_models``.
 """
 
 from __future__ import annotations
@@ -14,15 +14,32 @@ import contextlib
 import functools
 import json
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 from jupyter_server.auth.decorator import authorized, ws_authenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from jupyter_server.utils import ensure_async
 from tornado import web, websocket
 
+from .api_models import MAX_CAPABILITIES as MAX_CAPABILITIES
+from .api_models import MAX_CREDENTIAL_BYTES as MAX_CREDENTIAL_BYTES
+from .api_models import MAX_ID_CHARS as MAX_ID_CHARS
+from .api_models import MAX_SEQ as MAX_SEQ
+from .api_models import (
+    ConfigChange,
+    M,
+    ModeChange,
+    NewSession,
+    PermissionAnswer,
+    PermissionFrame,
+    Prompt,
+    check_choice,
+    parse,
+    parse_since,
+)
 from .errors import AcpError, BadRequest, SessionBusy, SessionNotFound
 from .manager import UserSessionManager
 from .session import AgentSession, SessionState
@@ -32,24 +49,11 @@ AUTH_RESOURCE = "acp"
 #: Events per frame when a ``?batch=1`` socket replays the history on connect.
 REPLAY_BATCH = 500
 SESSION_ID = r"(?P<session_id>[^/]+)"
+# (the bounds of a request's fields are api_models': the MAX_* imported above, for callers here)
 
-# The bounds of what a request may carry. openapi.yaml states each one (``maxLength``,
-# ``x-maxBytes``, ``maxItems``); tests/test_fuzz_bounds.py checks that the numbers agree and
-# probes each bound from both sides against a running server.
-#: The longest id or name: a session or permission request id (the server's: 32 and 16 hex
-#: digits), an agent, mode, config option or value, permission option or capability (short words
-#: of the agent's). Past it a request is refused, so that no error quotes a megabyte back.
-MAX_ID_CHARS = 256
-#: The largest credential value (a key, a token, a URL): it goes into the agent's environment,
-#: where Linux refuses one string over 128 KiB (MAX_ARG_STRLEN) with a failed start.
-MAX_CREDENTIAL_BYTES = 16 * 1024
-#: The most capabilities a new session may ask for (an agent lists a handful).
-MAX_CAPABILITIES = 32
 #: The longest error message an answer carries: a longer one (quoting a 4 KiB cwd, an id of the
 #: URL) is cut in the middle, keeping its start and its explanation at the end.
 MAX_ERROR_CHARS = 1000
-
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def shorten(message: str, limit: int = MAX_ERROR_CHARS) -> str:
@@ -61,8 +65,10 @@ def shorten(message: str, limit: int = MAX_ERROR_CHARS) -> str:
     return message[:head] + marker + message[len(message) - (limit - len(marker) - head):]
 
 
-def acp_errors(method: F) -> F:
-    """Turn ``AcpError`` into an HTTP error with the same status and message."""
+def api_method(method: Callable[..., Any]) -> Callable[..., Any]:
+    """What every REST method is (``AcpHandler`` applies it to each): refused unless logged in
+    (403) and authorized for ``acp``, and its ``AcpError`` an HTTP error of the same status and
+    message (logged by tornado as a 4xx/5xx, not as an uncaught exception)."""
 
     @functools.wraps(method)
     async def wrapper(self: AcpHandler, *args: Any, **kwargs: Any) -> Any:
@@ -72,7 +78,7 @@ def acp_errors(method: F) -> F:
             # (no args: "%" stays as is; short: the message may quote the input, and is logged)
             raise web.HTTPError(e.status, shorten(e.message), reason=None) from None
 
-    return wrapper  # type: ignore[return-value]
+    return web.authenticated(authorized(wrapper))
 
 
 class AcpMixin(ExtensionHandlerMixin):
@@ -111,7 +117,19 @@ class AcpMixin(ExtensionHandlerMixin):
 
 
 class AcpHandler(AcpMixin, APIHandler):
-    """Base of the REST handlers: JSON in, JSON out, size-capped bodies."""
+    """Base of the REST handlers: JSON in (``body``: a model of api_models), JSON out; each HTTP
+    method a subclass defines is wrapped in ``api_method``."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("get", "post", "put", "patch", "delete"):
+            if name in vars(cls):
+                setattr(cls, name, api_method(vars(cls)[name]))
+
+    def body(self, model: type[M], required: bool = True) -> M:
+        """The request's JSON object as ``model`` (a ``BadRequest`` saying what is wrong)."""
+        return parse(model, self.json_body(required),
+                     max_message_bytes=self.settings.get("acp_max_message_bytes"))
 
     def json_body(self, required: bool = True) -> dict[str, Any]:
         cap = self.settings.get("acp_max_request_bytes") or 0
@@ -145,59 +163,8 @@ class AcpHandler(AcpMixin, APIHandler):
         self.finish(json.dumps(data, default=str))
 
 
-def _field(data: dict[str, Any], key: str, kind: type | tuple[type, ...], *, required: bool = False,
-           what: str = "", max_chars: int | None = MAX_ID_CHARS) -> Any:
-    """``data[key]`` if it is of ``kind`` (null is absent); a string is checked by ``_text``
-    (``max_chars``: most are ids or names; None leaves the length to the caller)."""
-    value = data.get(key)
-    if value is None:
-        if required:
-            raise BadRequest(f"The field {key!r} is required{what}")
-        return None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
-        names = names.replace("str", "a string").replace("bool", "a boolean").replace("dict", "an object")
-        names = names.replace("list", "a list")
-        raise BadRequest(f"The field {key!r} must be {names}")
-    if isinstance(value, str):
-        _text(value, f"The field {key!r}", max_chars)
-    return value
-
-
-def _text(value: str, what: str, max_chars: int | None = MAX_ID_CHARS, max_bytes: int | None = None) -> str:
-    """An id, name, path or credential: valid Unicode without NUL, within its bounds. JSON can
-    carry a lone surrogate (``"\\ud800"``) and NUL, which no name has and which fail where the
-    text meets the OS (a path, the agent's environment) with a 500 or a failed start."""
-    if max_chars is not None and len(value) > max_chars:
-        raise BadRequest(f"{what} is longer than {max_chars} characters")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise BadRequest(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
-    if max_bytes is not None and size > max_bytes:
-        raise BadRequest(f"{what} is larger than {max_bytes} bytes")
-    if "\x00" in value:
-        raise BadRequest(f"{what} must not contain a NUL character")
-    return value
-
-
-def check_message(settings: dict[str, Any], message: Any) -> str:
-    """A prompt: a non-empty string within ``max_message_bytes``."""
-    if not isinstance(message, str):
-        raise BadRequest("The field 'message' is required and must be a string")
-    if not message.strip():
-        raise BadRequest("The message is empty")
-    cap = settings.get("acp_max_message_bytes") or 0
-    if cap and len(message.encode("utf-8", "surrogatepass")) > cap:
-        raise AcpError(f"The message is larger than {cap} bytes", status=413)
-    return message
-
-
 # -- REST -----------------------------------------------------------------------------------------
 class AgentsHandler(AcpHandler):
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def get(self) -> None:
         agents = self.manager.agents
         default = None
@@ -219,50 +186,22 @@ class AgentsHandler(AcpHandler):
 
 
 class SessionsHandler(AcpHandler):
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def get(self) -> None:
         sessions = self.manager.get_user_sessions(self.username)
         self.write_json({"sessions": [self.session_model(s) for s in sessions]})
 
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def post(self) -> None:
-        data = self.json_body(required=False)
-        unknown = set(data) - {"agent", "cwd", "credentials", "new", "capabilities"}
-        if unknown:
-            raise BadRequest(f"Unknown fields: {', '.join(sorted(unknown))}")
-        credentials = _field(data, "credentials", dict)
-        if credentials and not all(isinstance(k, str) and isinstance(v, str) for k, v in credentials.items()):
-            raise BadRequest("credentials must map names to string values")
-        for name, value in (credentials or {}).items():  # (names: the manager knows them)
-            _text(value, f"The credential {_text(name, 'A credential name')!r}", None, MAX_CREDENTIAL_BYTES)
-        capabilities = _field(data, "capabilities", list)
-        if capabilities and not all(isinstance(c, str) for c in capabilities):
-            raise BadRequest("capabilities must be a list of strings")
-        if capabilities and len(capabilities) > MAX_CAPABILITIES:
-            raise BadRequest(f"At most {MAX_CAPABILITIES} capabilities may be asked for")
-        for capability in capabilities or ():
-            _text(capability, "A capability")
+        body = self.body(NewSession, required=False)
         session = await self.manager.create_user_session(
-            # (cwd: the manager bounds it in bytes, PATH_MAX and NAME_MAX)
-            self.username, _field(data, "agent", str), cwd=_field(data, "cwd", str, max_chars=None),
-            credentials=credentials, new=bool(_field(data, "new", bool)), capabilities=capabilities)
+            self.username, body.agent, cwd=body.cwd, credentials=body.credentials, new=body.new,
+            capabilities=body.capabilities)
         self.write_json(self.session_model(session), status=201)
 
 
 class SessionHandler(AcpHandler):
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def get(self, session_id: str) -> None:
         self.write_json(self.session_model(self.user_session(session_id)))
 
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def delete(self, session_id: str) -> None:
         await self.manager.delete_user_session(self.username, session_id)
         self.set_status(204)
@@ -270,74 +209,37 @@ class SessionHandler(AcpHandler):
 
 
 class RestartHandler(AcpHandler):
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def post(self, session_id: str) -> None:
         session = await self.manager.restart_user_session(self.username, session_id)
         self.write_json(self.session_model(session))
 
 
 class MessagesHandler(AcpHandler):
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def post(self, session_id: str) -> None:
         session = self.user_session(session_id)
-        message = check_message(self.settings, self.json_body().get("message"))
-        result = await session.prompt(message)
+        result = await session.prompt(self.body(Prompt).message)
         self.write_json(result.to_dict())
 
 
 class CancelHandler(AcpHandler):
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def post(self, session_id: str) -> None:
         cancelled = await self.user_session(session_id).cancel()
         self.write_json({"cancelled": cancelled})
 
 
 class HistoryHandler(AcpHandler):
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def get(self, session_id: str) -> None:
         session = self.user_session(session_id)
-        since = _since(self.get_argument("since", None, strip=False))
+        since = parse_since(self.get_argument("since", None, strip=False))
         # the events' JSON is kept as sent: splice it in rather than parse and re-encode it
         self.set_header("Content-Type", "application/json")
         self.finish(f'{{"events": [{",".join(session.payloads(since))}], "last_seq": {session.last_seq}}}')
 
 
-#: The largest ``since`` accepted: 2**53, the largest integer a JSON client (JavaScript) holds
-#: exactly, and far more events than a session ever has.
-MAX_SEQ = 2**53
-
-
-def _since(value: str | None) -> int:
-    """``?since=``: decimal digits, at most ``MAX_SEQ`` (empty: 0). Not Python's ``int()``,
-    which also takes signs, spaces, "1_0" and any script's digits ("٣")."""
-    if value is None or value == "":
-        return 0
-    if value.startswith("-") and value[1:].isascii() and value[1:].isdigit():
-        raise BadRequest("'since' must not be negative")
-    if not (value.isascii() and value.isdigit()):
-        raise BadRequest("'since' must be an event sequence number (an integer)")
-    if len(value.lstrip("0")) > len(str(MAX_SEQ)) or int(value) > MAX_SEQ:
-        raise BadRequest(f"'since' is larger than any event sequence number (at most {MAX_SEQ})")
-    return int(value)
-
-
-
 class PermissionHandler(AcpHandler):
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def post(self, session_id: str, request_id: str) -> None:
         session = self.user_session(session_id)
-        data = self.json_body(required=False)
-        session.answer_permission(request_id, _field(data, "option_id", str))
+        session.answer_permission(request_id, self.body(PermissionAnswer, required=False).option_id)
         self.set_status(204)
         self.finish()
 
@@ -347,50 +249,22 @@ class ModeHandler(AcpHandler):
         modes = session.modes or {}
         return {"current": modes.get("currentModeId"), "available": modes.get("availableModes", [])}
 
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def get(self, session_id: str) -> None:
         self.write_json(self.mode_model(self.user_session(session_id)))
 
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def post(self, session_id: str) -> None:
         session = self.user_session(session_id)
-        await session.set_mode(_field(self.json_body(), "mode_id", str, required=True))
+        await session.set_mode(self.body(ModeChange).mode_id)
         self.write_json(self.mode_model(session))
 
 
 class ConfigHandler(AcpHandler):
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def post(self, session_id: str) -> None:
         session = self.user_session(session_id)
-        data = self.json_body()
-        config_id = _field(data, "config_id", str, required=True)
-        value = _field(data, "value", (str, bool), required=True)
-        _check_choice(session.config_options, config_id, value)
-        await session.set_config_option(config_id, value)
+        body = self.body(ConfigChange)
+        check_choice(session.config_options, body.config_id, body.value)
+        await session.set_config_option(body.config_id, body.value)
         self.write_json({"config_options": session.config_options})
-
-
-def _check_choice(options: list[dict[str, Any]], config_id: str, value: str | bool) -> None:
-    """A value of a select option must be one of its choices: the agent would refuse another
-    with an "invalid params" error, a 502 for what is the user's mistake. (An unknown
-    ``config_id``, or an option of another kind, is left to the session and the agent.)"""
-    option = next((o for o in options if o.get("id") == config_id), None)
-    if option is None or option.get("type") != "select" or not isinstance(option.get("options"), list):
-        return
-    choices = []
-    for entry in option["options"]:  # (choices, or groups of them)
-        group = entry.get("options") if isinstance(entry, dict) else None
-        members = group if isinstance(group, list) else [entry]
-        choices += [c.get("value") for c in members if isinstance(c, dict)]
-    if value not in choices:
-        raise BadRequest(f"{value!r} is not a choice of {config_id!r}; choose one of: "
-                         f"{', '.join(str(c) for c in choices)}")
 
 
 class UsageHandler(AcpHandler):
@@ -403,9 +277,6 @@ class UsageHandler(AcpHandler):
         scopes = set(hub_user.get("scopes") or ())
         return bool(hub_user.get("admin")) or bool(scopes & self.settings.get("acp_admin_scopes", set()))
 
-    @web.authenticated
-    @authorized
-    @acp_errors
     async def get(self) -> None:
         ledger = self.manager.ledger
         everyone = self.get_argument("all", "") not in ("", "0", "false")
@@ -455,14 +326,27 @@ GONE_REASON = "No such session: it ended, was cleaned up after being idle, or ne
 STOPPED_REASON = "The session has ended: it was stopped, cleaned up after being idle, or the server stopped"
 
 
-class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
-    """``sessions/{id}/ws``: a session's events live (history first), and chat/cancel/answers in."""
+class SessionSocket(WebSocketMixin, AcpMixin, JupyterHandler, websocket.WebSocketHandler):
+    """``sessions/{id}/ws``: a session's events live (history first), and chat/cancel/answers in.
+
+    jupyter_server's ``WebSocketMixin`` pings an open socket every ``ws_ping_interval`` ms (the
+    server's setting, 30 s by default) and closes one whose client has not answered (pong) for
+    ``ws_ping_timeout`` ms: an idle socket stays open through proxies, a vanished client is dropped.
+    """
 
     session: AgentSession | None = None
 
     def get_login_url(self) -> str:
         """A socket cannot follow a login redirect: refuse it like the REST API does (403)."""
         raise web.HTTPError(403)
+
+    def get_websocket_protocol(self) -> websocket.WebSocketProtocol | None:
+        """Tornado's protocol without pings of its own: the mixin's ``ping_interval`` is in ms,
+        which tornado would read as seconds (and log that the timeout exceeds the interval)."""
+        protocol = super().get_websocket_protocol()
+        if isinstance(protocol, websocket.WebSocketProtocol13):
+            protocol.params.ping_interval = protocol.params.ping_timeout = None
+        return protocol
 
     @ws_authenticated
     async def get(self, session_id: str) -> None:
@@ -486,6 +370,7 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
         self.close(CLOSE_GONE, reason)
 
     def open(self, session_id: str) -> None:
+        super().open(session_id)  # (WebSocketMixin: the keep-alive pings)
         session = self.session
         # (looked up again: the session may have been deleted while the upgrade was answered)
         if session is None or not self._exists(session):
@@ -495,14 +380,13 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
         # each waits for the client's delayed ACK, ~40 ms per turn (measured by bench/relay.py)
         self.set_nodelay(True)
         try:
-            since = _since(self.get_argument("since", None))
+            since = parse_since(self.get_argument("since", None))
         except BadRequest:
             since = 0
         self.batch = self.get_argument("batch", "0") in ("1", "true")
-        fanouts: dict[str, Fanout] = self.settings.setdefault("acp_fanouts", {})
-        fanout = fanouts.get(session.id)
+        fanout = session.fanout  # (one per session, shared by its sockets; see Fanout)
         if fanout is None:
-            fanout = fanouts[session.id] = Fanout(session, lambda: fanouts.pop(session.id, None))
+            fanout = session.fanout = Fanout(session, lambda: setattr(session, "fanout", None))
         # events emitted but not yet sent are in the history already: send them to the other
         # sockets now, so that this one gets them once (by the replay below), not twice
         fanout.flush()
@@ -584,7 +468,8 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
             if kind == "ping":
                 self.send({"type": "pong"})
             elif kind == "chat:message":
-                message = check_message(self.settings, data.get("message"))
+                cap = self.settings.get("acp_max_message_bytes")
+                message = parse(Prompt, data, max_message_bytes=cap).message
                 if session.state.value == "busy":
                     raise SessionBusy("The agent is still answering the previous message; cancel it or wait")
                 ext = self.settings["acp_extension"]
@@ -593,10 +478,10 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
             elif kind == "cancel":
                 await session.cancel()
             elif kind == "permission:answer":
-                request_id = _field(data, "request_id", str, required=True)
-                session.answer_permission(request_id, _field(data, "option_id", str))
+                answer = parse(PermissionFrame, data)
+                session.answer_permission(answer.request_id, answer.option_id)
             elif kind == "mode":
-                await session.set_mode(_field(data, "mode_id", str, required=True))
+                await session.set_mode(parse(ModeChange, data).mode_id)
             else:
                 self.reply_error(f"Unknown frame type {shorten(kind, 80)!r}")
         except AcpError as e:
@@ -616,6 +501,8 @@ class SessionSocket(AcpMixin, JupyterHandler, websocket.WebSocketHandler):
             fanout.remove(self)
 
     def on_close(self) -> None:
+        if self.ping_callback is not None:  # (WebSocketMixin's; it would stop at its next ping)
+            self.ping_callback.stop()
         self.close_subscription()
 
 

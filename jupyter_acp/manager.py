@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -424,45 +425,16 @@ class UserSessionManager(LoggingConfigurable):
         cls: type[Sandbox] = RemoteAgent if spec.url else self.backend_for(spec)
         await self._backend_started(cls)
         spec = spec.for_policy(self.permission_policy)  # started in the policy's mode
-        session = AgentSession(
-            user=username, spec=spec, sandbox_factory=lambda: self._sandbox_placeholder(),
-            sandbox_spec=SandboxSpec(argv=[], workspace=workspace), ledger=self.ledger,
-            options=SessionOptions(permission_policy=self.permission_policy,
-                                   permission_timeout=self.permission_timeout,
-                                   init_timeout=self.init_timeout, max_history=self.max_history,
-                                   limits=self.input_limits(),
-                                   allowed_modes=self.allowed_modes.get(spec.name,
-                                                                        self.allowed_modes.get("*"))),
-            on_activity=self._activity, on_audit=self._audit,
-        )
-        home = self._make_home(session.id)
+        # built in one step: first the id, the home and the launch (which may open a gateway
+        # route whose callbacks reach the session once it exists), then the session itself
+        session_id = uuid.uuid4().hex
+        home = self._make_home(session_id)
         try:
-            spec.write_home(home)
-            launch = plan_launch(self.gateway, spec, creds, self.agents.admin_credentials(spec),
-                                 session_id=session.id, user=username,
-                                 on_usage=lambda usage: self._gateway_usage(session, usage),
-                                 check_quota=lambda: self.ledger.acheck_quota(username),
-                                 on_refused=lambda message: session.quota_refused(message))
+            session = self._build(session_id, username, spec, cls, creds, workspace, home)
         except BaseException:
-            self._remove_home(session.id)
+            self._remove_home(session_id)
+            self.gateway.close_route(session_id)
             raise
-        session.metered_by_gateway = launch.route is not None
-        session.sandbox_spec = SandboxSpec(
-            argv=launch.argv,
-            workspace=workspace,
-            env={**self._agent_env(spec, launch.credentials, home), **launch.env},
-            limits=self.limits_for(spec),
-            labels={"user": username, "session": session.id, "agent": spec.name},
-            ro_paths=launch.ro_paths,
-            rw_paths=list(launch.rw_paths),
-            home=str(home),
-        )
-        if url := spec.url:
-            token = creds.get("access_token")
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            session._sandbox_factory = lambda: RemoteAgent(session.sandbox_spec, url, headers)
-        else:
-            session._sandbox_factory = lambda: cls.create(session.sandbox_spec, parent=self)
         if self._shutting_down:  # (the server began to stop while this one was prepared)
             self._remove_home(session.id)
             self.gateway.close_route(session.id)
@@ -480,21 +452,46 @@ class UserSessionManager(LoggingConfigurable):
             raise
         return session
 
-    async def _gateway_usage(self, session: AgentSession, usage: TurnUsage) -> None:
-        """One LLM request metered by the gateway: the ledger's record (the source of truth of a
-        gateway session), and the running turn's total. The gateway awaits it before the
-        request's last byte reaches the agent; the write runs in the ledger's thread (the
-        gateway's handlers are on the server's event loop), and a ledger failure reaches the
-        session's user at the end of the turn (``AgentSession._finish_turn``)."""
-        now = time.time()
-        turn = session.turns
-        session.add_gateway_usage(usage)  # (this turn's, even if it ends while the record is written)
-        await self.ledger.arecord(user=session.user, session_id=session.id, agent=session.spec.name,
-                                  turn=turn, usage=usage, started_at=now, ended_at=now, owner=session)
-
-    @staticmethod
-    def _sandbox_placeholder() -> Sandbox:
-        raise SandboxError("The session's sandbox was not configured")
+    def _build(self, session_id: str, username: str, spec: AgentSpec, cls: type[Sandbox],
+               creds: dict[str, str], workspace: Path, home: Path) -> AgentSession:
+        """The session, whole: its launch (which may open a gateway route, whose callbacks reach
+        the session once it exists), its sandbox spec and factory, its options."""
+        session: AgentSession
+        spec.write_home(home)
+        launch = plan_launch(self.gateway, spec, creds, self.agents.admin_credentials(spec),
+                             session_id=session_id, user=username,
+                             on_usage=lambda usage: session.gateway_usage(usage),
+                             check_quota=lambda: self.ledger.acheck_quota(username),
+                             on_refused=lambda message: session.quota_refused(message))
+        sandbox_spec = SandboxSpec(
+            argv=launch.argv,
+            workspace=workspace,
+            env={**self._agent_env(spec, launch.credentials, home), **launch.env},
+            limits=self.limits_for(spec),
+            labels={"user": username, "session": session_id, "agent": spec.name},
+            ro_paths=launch.ro_paths,
+            rw_paths=list(launch.rw_paths),
+            home=str(home),
+        )
+        factory: Callable[[], Sandbox]
+        if url := spec.url:
+            token = creds.get("access_token")
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            factory = lambda: RemoteAgent(sandbox_spec, url, headers)  # noqa: E731
+        else:
+            factory = lambda: cls.create(sandbox_spec, parent=self)  # noqa: E731
+        session = AgentSession(
+            user=username, spec=spec, sandbox_factory=factory, sandbox_spec=sandbox_spec,
+            ledger=self.ledger, session_id=session_id, metered_by_gateway=launch.route is not None,
+            options=SessionOptions(permission_policy=self.permission_policy,
+                                   permission_timeout=self.permission_timeout,
+                                   init_timeout=self.init_timeout, max_history=self.max_history,
+                                   limits=self.input_limits(),
+                                   allowed_modes=self.allowed_modes.get(spec.name,
+                                                                        self.allowed_modes.get("*"))),
+            on_activity=self._activity, on_audit=self._audit,
+        )
+        return session
 
     def _agent_env(self, spec: AgentSpec, creds: dict[str, str], home: Path) -> dict[str, str]:
         """The agent's whole environment: never the server's own (it may hold secrets), and
@@ -602,10 +599,8 @@ class UserSessionManager(LoggingConfigurable):
             except TypeError as e:
                 raise BadRequest(f"Invalid usage record: {e}") from None
         now = time.time()
-        outcome = await self.ledger.arecord(user=username, session_id=session.id,
-                                            agent=session.spec.name,
-                                            turn=turn if turn is not None else session.turns,
-                                            usage=usage, started_at=now, ended_at=now, owner=session)
+        outcome = await session.record_usage(usage, turn=turn if turn is not None else session.turns,
+                                             started=now, ended=now)
         return outcome.id
 
     def get_session_stats(self, username: str, session_id: str) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from .modes import ModePolicy
 from .permissions import PendingPermission, PermissionDesk
 from .sandbox.base import Sandbox, SandboxSpec
 from .shrink import TextBudget
-from .usage import TurnUsage, UsageLedger, UsageNormalizer
+from .usage import RecordOutcome, TurnUsage, UsageLedger, UsageNormalizer
 
 log = logging.getLogger("jupyter_acp.session")
 
@@ -119,8 +119,10 @@ class AgentSession:
         options: SessionOptions | None = None,
         on_activity: Callable[[], None] | None = None,
         on_audit: Callable[[str, dict[str, Any]], None] | None = None,
+        session_id: str | None = None,
+        metered_by_gateway: bool = False,
     ) -> None:
-        self.id = uuid.uuid4().hex
+        self.id = session_id or uuid.uuid4().hex
         self.user = user
         self.spec = spec
         self.sandbox_spec = sandbox_spec
@@ -144,9 +146,12 @@ class AgentSession:
         self.client: AcpClient | None = None
         self.conn: Any = None
         self.usage = UsageNormalizer()
-        #: True when the LLM gateway meters this session: it records every LLM request in the
-        #: ledger itself, so the agent's own usage reports are shown but never recorded.
-        self.metered_by_gateway = False
+        #: True when the LLM gateway meters this session: each of its LLM requests is recorded
+        #: (``gateway_usage``), so the agent's own usage reports are shown but never recorded.
+        self.metered_by_gateway = metered_by_gateway
+        #: the sockets' fan-out of this session's events (``handlers.Fanout``), made by the
+        #: first socket and dropped with the last one
+        self.fanout: Any = None
         self._gateway_turn = TurnUsage(source="gateway")
         limits = self.options.limits
         self.history = EventHistory(max_events=self.options.max_history, max_bytes=limits.max_history_bytes,
@@ -505,13 +510,27 @@ class AgentSession:
         self._set_state(SessionState.READY)
         return result
 
-    def add_gateway_usage(self, usage: TurnUsage) -> None:
-        """Add one gateway-metered LLM request to the running turn's total (already in the ledger)."""
+    async def gateway_usage(self, usage: TurnUsage) -> None:
+        """One LLM request metered by the gateway: added to the running turn's total, and
+        recorded (the source of truth of a gateway session). The gateway awaits this before the
+        request's last byte reaches the agent, so a turn cannot end before its last request is
+        counted; a ledger failure reaches the user at the end of the turn (``_finish_turn``)."""
         acc = self._gateway_turn
         for key in ("input_tokens", "output_tokens", "thought_tokens", "cached_read_tokens",
                     "cached_write_tokens", "total_tokens"):
             setattr(acc, key, getattr(acc, key) + getattr(usage, key))
         acc.model = usage.model or acc.model
+        now = time.time()
+        await self.record_usage(usage, turn=self.turns, started=now, ended=now)
+
+    async def record_usage(self, usage: TurnUsage, *, turn: int, started: float, ended: float
+                           ) -> RecordOutcome:
+        """The one way this session's usage reaches the ledger (durable when this returns: in
+        the database, or else its spool), from the session's turns, its gateway route and the
+        manager's ``update_token_usage``."""
+        return await self.ledger.arecord(user=self.user, session_id=self.id, agent=self.spec.name,
+                                         turn=turn, usage=usage, started_at=started, ended_at=ended,
+                                         owner=self)
 
     async def _finish_turn(self, turn: int, started: float, response: Any) -> TurnResult:
         """Record the turn's usage, then end the turn (``turn_end``).
@@ -533,9 +552,7 @@ class AgentSession:
             usage, self._gateway_turn = self._gateway_turn, TurnUsage(source="gateway")
         elif usage.source != "none" or usage.cost:
             before = self.state
-            await self.ledger.arecord(user=self.user, session_id=self.id, agent=self.spec.name,
-                                      turn=turn, usage=usage, started_at=started, ended_at=ended,
-                                      owner=self)
+            await self.record_usage(usage, turn=turn, started=started, ended=ended)
             stopped_meanwhile = before is not SessionState.STOPPED and self.state is SessionState.STOPPED
         problem = self.ledger.take_problem(self)
         if problem is not None:

@@ -26,9 +26,11 @@ from jupyter_acp.agents_builtin import python_ro_paths
 from jupyter_acp.sandbox import backend
 from jupyter_acp.sandbox.base import ResourceLimits, Sandbox, SandboxSpec
 from jupyter_acp.sandbox.docker import (
+    LABEL_POOL,
     LABEL_RUN,
     LABEL_SERVER,
     LABEL_SESSION,
+    ContainerSandbox,
     DockerSandbox,
     DockerSettings,
     build_create_kwargs,
@@ -38,6 +40,8 @@ from jupyter_acp.sandbox.docker import (
     exit_status,
     pool_key,
     resolve_user,
+    spare_template,
+    with_spare_home,
 )
 
 DEMO = [sys.executable, "-m", "jupyter_acp.agents_builtin.demo"]
@@ -115,14 +119,56 @@ def test_create_kwargs_options(tmp_path: Path) -> None:
     assert {"/etc", "/usr"} <= {m["Target"] for m in kw["mounts"]}
 
 
-def test_pool_key_ignores_only_name_and_session(tmp_path: Path) -> None:
-    spec = _spec(tmp_path)
-    a = _build(spec)
-    b = dict(a, name="other", labels={**a["labels"], LABEL_SESSION: "warm-pool"})
-    assert pool_key(a) == pool_key(b)
-    assert pool_key(a) != pool_key(dict(a, environment={"HOME": "/h", "K": "other credentials"}))
-    assert pool_key(a) != pool_key(_build(_spec(tmp_path / "elsewhere")))
-    assert pool_key(a) != pool_key(dict(a, labels={**a["labels"], "jupyter-acp.user": "bob"}))
+def test_spare_holds_nothing_of_a_session(tmp_path: Path) -> None:
+    """A warm-pool spare is built from a session's arguments minus everything of the session:
+    no environment (credentials), no agent command, no session label, not its home; its key
+    is what must match (user, workspace, image, limits, read-only mounts)."""
+    def session(name: str, home: Path, env: dict[str, str], **kw: Any) -> dict[str, Any]:
+        labels = {"user": "alice", "session": name, "agent": "demo"}
+        spec = _spec(tmp_path, labels=labels, home=str(home), **kw)
+        spec.env = env
+        return _build(spec)
+
+    homes = tmp_path / "homes"
+    a = session("s1", homes / "s1", {"HOME": str(homes / "s1"), "API_KEY": "secret-1"})
+    b = session("s2", homes / "s2", {"HOME": str(homes / "s2"), "API_KEY": "secret-2"})
+    ta = spare_template(a, idle_command=["sleep", "infinity"], home=str(homes / "s1"))
+    tb = spare_template(b, idle_command=["sleep", "infinity"], home=str(homes / "s2"))
+    assert pool_key(ta) == pool_key(tb)  # two sessions of one user: one pool
+    assert ta == tb
+    blob = repr(ta)
+    assert "secret" not in blob and "s1" not in blob and "agent" not in ta["command"]
+    assert ta["environment"] == {} and ta["command"] == ["sleep", "infinity"]
+    assert ta["labels"][LABEL_SESSION] == "warm-pool" and "jupyter-acp.agent" not in ta["labels"]
+    home_mount = next(m for m in ta["mounts"] if m["Target"] == "/home/agent")
+    assert os.path.dirname(home_mount["Source"]) == str(homes) and home_mount["Source"] != str(homes)
+    # a spare's own home directory keeps the key; name and pool labels do not count
+    spare = with_spare_home(ta, str(homes / ".jupyter-acp-spare-1234"))
+    assert pool_key(dict(spare, name="x", labels={**spare["labels"], LABEL_POOL: "k"})) == pool_key(ta)
+    # what must match does count
+    assert pool_key(ta) != pool_key(dict(ta, labels={**ta["labels"], "jupyter-acp.user": "bob"}))
+    assert pool_key(ta) != pool_key(dict(ta, mem_limit=1))
+    other_ws = _build(SandboxSpec(argv=["agent"], workspace=tmp_path / "elsewhere", home=str(homes / "s3"),
+                                  labels={"user": "alice", "session": "s3"}))
+    assert pool_key(ta) != pool_key(spare_template(other_ws, idle_command=["sleep", "infinity"],
+                                                   home=str(homes / "s3")))
+    assert pool_key(ta) != pool_key(spare_template(session("s4", tmp_path / "other-homes" / "s4", {}),
+                                                   idle_command=["sleep", "infinity"],
+                                                   home=str(tmp_path / "other-homes" / "s4")))
+
+
+def test_adopt_home_moves_the_session_files_into_the_spare_home(tmp_path: Path) -> None:
+    from jupyter_acp.sandbox.docker.sandbox import adopt_home
+
+    session, spare = tmp_path / "s1", tmp_path / ".jupyter-acp-spare-x"
+    (session / ".agent").mkdir(parents=True)
+    (session / ".agent" / "settings.json").write_text("{}")
+    spare.mkdir()
+    inode = spare.stat().st_ino
+    adopt_home(str(spare), str(session))
+    assert session.stat().st_ino == inode  # the directory the spare's container has mounted
+    assert (session / ".agent" / "settings.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1"]
 
 
 def test_small_helpers(tmp_path: Path) -> None:
@@ -156,10 +202,10 @@ async def test_demultiplex_splits_frames() -> None:
 
 
 async def test_bridge_joins_a_blocking_socket_to_asyncio() -> None:
-    from jupyter_acp.sandbox.docker import _Bridge
+    from jupyter_acp.sandbox.docker import Bridge
 
     engine_side, far = socket.socketpair()
-    bridge = _Bridge(engine_side)
+    bridge = Bridge(engine_side)
     reader, writer = await asyncio.open_connection(sock=bridge.outer)
     try:
         writer.write(b"to the engine")
@@ -183,13 +229,16 @@ def test_config_reaches_the_sandbox(tmp_path: Path) -> None:
     cfg.DockerSandbox.host_mounts = []
     parent = LoggingConfigurable(config=cfg)
     sandbox = DockerSandbox.create(_spec(tmp_path), parent=parent)
-    assert isinstance(sandbox, Sandbox) and isinstance(sandbox, LoggingConfigurable)
+    # the per-session sandbox and the admin's configurable (one per manager) are two objects
+    assert isinstance(sandbox, Sandbox) and isinstance(sandbox.backend, LoggingConfigurable)
+    assert isinstance(sandbox.backend, DockerSandbox) and sandbox.backend is DockerSandbox.for_parent(parent)
+    assert DockerSandbox.create(_spec(tmp_path), parent=parent).backend is sandbox.backend
     assert backend("docker") is DockerSandbox and sandbox.kind == "docker"
-    assert sandbox.image == "my-agents:1" and sandbox.host_mounts == []
+    assert sandbox.backend.image == "my-agents:1" and sandbox.backend.host_mounts == []
     assert sandbox.workspace_path == "/workspace"
-    kw = sandbox._kwargs()
+    kw = sandbox.container_args()
     assert kw["image"] == "my-agents:1"
-    assert kw["labels"][LABEL_SERVER] == sandbox.server_id and kw["labels"][LABEL_RUN]
+    assert kw["labels"][LABEL_SERVER] == sandbox.backend.server_id and kw["labels"][LABEL_RUN]
 
 
 async def test_unreachable_engine_is_explained(tmp_path: Path) -> None:
@@ -281,7 +330,7 @@ def workspace(tmp_path: Path) -> Path:
 class Running:
     """A started sandbox plus (optionally) an ACP connection to its demo agent."""
 
-    def __init__(self, sandbox: DockerSandbox) -> None:
+    def __init__(self, sandbox: ContainerSandbox) -> None:
         self.sandbox = sandbox
         self.client = DemoClient()
         self.conn: Any = None
@@ -330,7 +379,7 @@ async def start(docker_parent: LoggingConfigurable, workspace: Path) -> AsyncIte
 
 
 def _engine(parent: Any) -> Any:
-    return DockerSandbox._backend_for(parent).get_engine().api
+    return DockerSandbox.for_parent(parent).get_engine().api
 
 
 @pytest.mark.docker
@@ -475,7 +524,7 @@ async def test_terminal_commands_run_and_die_inside(start: Any) -> None:
 @pytest.mark.docker
 async def test_sdk_attach_fallback_works_too(start: Any, docker_parent: Any) -> None:
     """Engines we cannot reach with asyncio directly (TLS, ssh) go through the SDK and a bridge."""
-    DockerSandbox._backend_for(docker_parent).get_engine().endpoint = None
+    DockerSandbox.for_parent(docker_parent).get_engine().endpoint = None
     run = await start()
     assert run.sandbox._bridge is not None
     session_id = await run.connect()
@@ -487,7 +536,7 @@ async def test_sdk_attach_fallback_works_too(start: Any, docker_parent: Any) -> 
 @pytest.mark.docker
 async def test_orphans_of_an_earlier_run_are_removed(docker_parent: Any) -> None:
     api = _engine(docker_parent)
-    server_id = DockerSandbox._backend_for(docker_parent).settings.server_id
+    server_id = DockerSandbox.for_parent(docker_parent).server_id
     ours = api.create_container("jupyter-acp-sandbox:test", ["/nothing"], labels={
         LABEL_SERVER: server_id, LABEL_RUN: "crashed-run", LABEL_SESSION: "s-old"})["Id"]
     theirs = api.create_container("jupyter-acp-sandbox:test", ["/nothing"], labels={
@@ -534,12 +583,74 @@ async def test_warm_pool_and_manager_stop(workspace: Path) -> None:
     finally:
         for run in runs:
             await run.close()
-        run_id = DockerSandbox._backend_for(parent).run_id
+        run_id = DockerSandbox.for_parent(parent).run_id
         spares = _engine(parent).containers(all=True, filters={"label": [f"{LABEL_RUN}={run_id}"]})
         await DockerSandbox.on_manager_stop(parent=parent)
     assert [c["Labels"][LABEL_SESSION] for c in spares] == ["warm-pool"]
 
     assert containers_of_run(run_id) == []
+
+
+@pytest.mark.docker
+async def test_warm_pool_serves_new_sessions_with_their_own_home_and_env(workspace: Path,
+                                                                          tmp_path: Path) -> None:
+    """Sessions with different homes and credentials each get a spare; each agent sees its own
+    home (the files the server wrote there) and environment, and nothing of another session."""
+    require_docker()
+    cfg = Config()
+    cfg.DockerSandbox.server_id = f"test-{uuid.uuid4().hex[:12]}"
+    cfg.DockerSandbox.warm_pool_size = 1
+    parent = LoggingConfigurable(config=cfg)
+    homes = tmp_path / "homes"
+    homes.mkdir(mode=0o700)
+
+    def spec(name: str) -> SandboxSpec:
+        home = homes / name
+        home.mkdir(mode=0o700)
+        (home / "who").write_text(name)
+        if os.geteuid() == 0:
+            os.chown(home, 1000, 1000)
+        return SandboxSpec(argv=DEMO, workspace=workspace, home=str(home),
+                           env={"HOME": str(home), "SECRET": f"key-of-{name}", "PATH": "/usr/bin:/bin"},
+                           ro_paths=python_ro_paths(), labels={"user": "alice", "session": name})
+
+    runs: list[Running] = []
+    try:
+        await DockerSandbox.on_manager_start(parent=parent)
+        await DockerSandbox.prewarm(spec("first"), parent=parent)
+        for name in ("s1", "s2", "s3"):
+            await asyncio.wait_for(DockerSandbox.pool_settled(parent=parent), 20)
+            assert list(DockerSandbox.pool_status(parent=parent).values()) == [1]
+            sandbox = DockerSandbox.create(spec(name), parent=parent)
+            await sandbox.start()
+            run = Running(sandbox)
+            runs.append(run)
+            assert sandbox.from_pool, name
+            await run.connect()
+            status, out = await run.sh('echo "$HOME $SECRET $(cat ~/who)"; ls -a ~')
+            assert status == 0
+            first, listing = out.split("\n", 1)
+            assert first == f"/home/agent key-of-{name} {name}"
+            # its own files (and what its agent wrote), nothing of the sessions before it
+            others = [n for n in ("first", "s1", "s2") if n != name]
+            assert "who" in listing.split() and not any(n in listing for n in others)
+            status, out = await run.sh("tr '\\0' ' ' < /proc/1/environ")
+            assert status == 0 and "key-of" not in out  # the spare's init never had a session's secret
+        # the spare homes became the sessions' homes: only session homes and one spare's are left
+        await asyncio.wait_for(DockerSandbox.pool_settled(parent=parent), 20)
+        left = sorted(p.name for p in homes.iterdir())
+        assert [n for n in left if not n.startswith(".jupyter-acp-spare-")] == ["first", "s1", "s2", "s3"]
+        assert len(left) == 5
+        # stop: the agent (an exec) ends, and so does its session
+        await runs[0].sandbox.stop(timeout=2)
+        assert await asyncio.wait_for(runs[0].sandbox.wait(), 10) is not None
+    finally:
+        for run in runs:
+            await run.close()
+        run_id = DockerSandbox.for_parent(parent).run_id
+        await DockerSandbox.on_manager_stop(parent=parent)
+    assert containers_of_run(run_id) == []
+    assert not [p for p in homes.iterdir() if p.name.startswith(".jupyter-acp-spare-")]
 
 
 # -- through the session manager ---------------------------------------------------------------
@@ -595,7 +706,7 @@ async def test_manager_session_in_docker(acp_managers: Any, acp_workspace_root: 
     assert session.state is SessionState.READY and session.sandbox.container_id != sandbox.container_id
     assert (await manager.send_message("alice", session.id, "still here")).text.endswith("still here")
 
-    run_id = DockerSandbox._backend_for(manager).run_id
+    run_id = DockerSandbox.for_parent(manager).run_id
     await manager.shutdown()
 
     assert containers_of_run(run_id) == []
@@ -614,3 +725,31 @@ async def test_manager_oom_is_a_session_error(acp_managers: Any) -> None:
     assert session.state is SessionState.ERROR and "128 MiB" in (session.error or "")
     other = await manager.create_user_session("bob", "demo")  # the server carries on
     assert (await manager.send_message("bob", other.id, "ok")).text.endswith("ok")
+
+
+@pytest.mark.docker
+async def test_manager_sessions_from_the_warm_pool(acp_managers: Any, tmp_path: Path) -> None:
+    """Through the session manager: a user's second session (a new id, home and environment)
+    runs in a spare, works, restarts, and nothing (containers, spare homes) outlives shutdown."""
+    require_docker()
+    cfg = Config()
+    cfg.DockerSandbox.warm_pool_size = 1
+    manager = acp_managers(sandbox="docker", config=cfg)
+    first = await manager.create_user_session("alice", "demo")
+    assert not first.sandbox.from_pool
+    await asyncio.wait_for(DockerSandbox.pool_settled(parent=manager), 20)
+    second = await manager.create_user_session("alice", "demo", new=True)
+    assert second.id != first.id and second.sandbox_spec.home != first.sandbox_spec.home
+    assert second.sandbox.from_pool and second.sandbox.container_id != first.sandbox.container_id
+    assert (await manager.send_message("alice", second.id, "from a spare")).text.endswith("from a spare")
+    labels = _engine(manager).inspect_container(second.sandbox.container_id)["Config"]["Labels"]
+    assert labels[LABEL_SESSION] == "warm-pool"  # (labels are fixed at create; the name is renamed)
+    await asyncio.wait_for(DockerSandbox.pool_settled(parent=manager), 20)
+    await manager.restart_user_session("alice", second.id)
+    assert second.sandbox.from_pool
+    assert (await manager.send_message("alice", second.id, "restarted")).text.endswith("restarted")
+    run_id = DockerSandbox.for_parent(manager).run_id
+    homes = Path(manager.agent_home_dir)
+    await manager.shutdown()
+    assert containers_of_run(run_id) == []
+    assert not [p for p in homes.iterdir() if p.name.startswith(".jupyter-acp-spare-")]

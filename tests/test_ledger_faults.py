@@ -353,7 +353,7 @@ async def test_gateway_requests_while_the_database_is_locked(acp_managers, sqlit
         # the route as the manager opens it for a metered session (its own callbacks)
         route = manager.gateway.open_route(
             session_id=session.id, user="alice", api="openai", upstream=fake.url + "/v1",
-            api_key="sk-real", on_usage=lambda usage: manager._gateway_usage(session, usage),
+            api_key="sk-real", on_usage=lambda usage: session.gateway_usage(usage),
             check_quota=lambda: ledger.acheck_quota("alice"))
         key = {"Authorization": f"Bearer {route.dummy_key}"}
         holder = await LockHolder.take(db)

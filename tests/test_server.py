@@ -7,11 +7,14 @@ show the per-user isolation; every answer is checked against ``jupyter_acp/opena
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import os
 import re
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,9 @@ from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClientConnection
 from traitlets.config import Config
 
+from jupyter_acp import api_models
+from jupyter_acp.app import AcpExtension
+from jupyter_acp.errors import AcpError
 from jupyter_acp.handlers import GONE_REASON, STOPPED_REASON, handlers
 from jupyter_acp.testing import TokenPerUser, auth
 
@@ -431,6 +437,7 @@ async def test_open_sockets_of_a_session_that_ends_get_its_last_event_then_4404(
         api: Any, jp_ws_fetch: Any, jp_serverapp: Any, how: str) -> None:
     sid = (await start(api))["id"]
     manager = jp_serverapp.web_app.settings["acp_manager"]
+    session = manager.get_user_session("alice", sid)
     plain = await ws_connect(jp_ws_fetch, sid)
     batched = await jp_ws_fetch("api", "acp", "sessions", sid, "ws", headers=auth("alice"),
                                 params={"batch": "1"})
@@ -455,7 +462,7 @@ async def test_open_sockets_of_a_session_that_ends_get_its_last_event_then_4404(
         assert events[-1]["type"] == "state" and events[-1]["data"]["state"] == "stopped", events[-3:]
         assert (ws.close_code, ws.close_reason) == (4404, STOPPED_REASON)
         ws.close()
-    assert jp_serverapp.web_app.settings["acp_fanouts"] == {}  # nothing left subscribed
+    assert session.fanout is None  # nothing left subscribed
 
 
 async def test_usage_is_private_except_to_admins(api: Any) -> None:
@@ -612,3 +619,129 @@ async def test_a_client_too_slow_to_read_is_dropped_and_resumes_without_loss(
     # and the REST history counts from the same seqs once older events have left it
     status, later = await api("GET", f"sessions/{sid}/history", params={"since": str(session.last_seq - 3)})
     assert status == 200 and [e["seq"] for e in later["events"]] == [session.last_seq - k for k in (2, 1, 0)]
+
+
+# -- request models and keep-alive (issue 15) -----------------------------------------------------
+#: The request bodies' models (api_models), per operation of openapi.yaml and client frame.
+BODY_MODELS = {("post", "/sessions"): "NewSession", ("post", "/sessions/{session_id}/messages"): "Prompt",
+               ("post", "/sessions/{session_id}/permissions/{request_id}"): "PermissionAnswer",
+               ("post", "/sessions/{session_id}/mode"): "ModeChange",
+               ("post", "/sessions/{session_id}/config"): "ConfigChange"}
+FRAME_MODELS = {"chat:message": "Prompt", "permission:answer": "PermissionFrame", "mode": "ModeChange",
+                "cancel": None, "ping": None}
+BOUND_KEYS = ("type", "minLength", "maxLength", "maxItems", "maxProperties", "x-maxBytes",
+              "x-maxComponentBytes", "pattern")
+#: Bounds the models leave to others: a cwd's (the manager's, in bytes: PATH_MAX, NAME_MAX; its
+#: errors say which), a prompt's size (the server's max_message_bytes, a 413; the spec states the
+#: default, checked by test_fuzz_bounds.py against AcpExtension).
+ENFORCED_ELSEWHERE = {("NewSession", "cwd"): {"maxLength", "x-maxBytes", "x-maxComponentBytes"},
+                      ("Prompt", "message"): {"maxLength", "x-maxBytes"}}
+
+
+def _bounds(schema: dict[str, Any], at: str = "") -> set[tuple[str, str, str]]:
+    """(where, keyword, value) of each bound of a JSON schema, through anyOf (null left out),
+    items and additionalProperties."""
+    s = _resolve(schema)
+    out = {(at, key, json.dumps(s[key])) for key in BOUND_KEYS if key in s}
+    for part in s.get("anyOf", []):
+        if _resolve(part).get("type") != "null":
+            out |= _bounds(part, at)
+    for key in ("items", "additionalProperties"):
+        if isinstance(s.get(key), dict):
+            out |= _bounds(s[key], f"{at}.{key}")
+    return out
+
+
+def _check_model(name: str, spec: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
+    model = getattr(api_models, name).model_json_schema()
+    props = {k: v for k, v in spec.get("properties", {}).items() if k not in ignore}
+    problems = []
+    if set(props) != set(model["properties"]):
+        problems.append(f"{name}: fields {sorted(model['properties'])}, the spec's {sorted(props)}")
+    if set(spec.get("required", [])) - ignore != set(model.get("required", [])):
+        problems.append(f"{name}: required {model.get('required', [])}, "
+                        f"the spec's {spec.get('required', [])}")
+    if (spec.get("additionalProperties") is False) != (model.get("additionalProperties") is False):
+        problems.append(f"{name}: unknown fields refused: {model.get('additionalProperties') is False}")
+    for field in set(props) & set(model["properties"]):
+        skip = ENFORCED_ELSEWHERE.get((name, field), set())
+        mine = {b for b in _bounds(model["properties"][field]) if b[1] not in skip}
+        theirs = {b for b in _bounds(props[field]) if b[1] not in skip}
+        if mine != theirs:
+            problems.append(f"{name}.{field}: the model's bounds {sorted(mine - theirs)}, "
+                            f"the spec's {sorted(theirs - mine)}")
+    return problems
+
+
+async def test_request_models_agree_with_the_openapi_request_schemas() -> None:
+    """Each request body and client frame has a model (jupyter_acp/api_models.py) with the
+    spec's fields, required fields and bounds; a prompt's size is the server's setting."""
+    problems = []
+    bodies = {(m, t): op for t, item in OPENAPI["paths"].items() for m, op in item.items()
+              if isinstance(op, dict) and "requestBody" in op}
+    assert set(bodies) == set(BODY_MODELS)
+    for key, operation in bodies.items():
+        spec = _resolve(operation["requestBody"]["content"]["application/json"]["schema"])
+        problems += _check_model(BODY_MODELS[key], spec)
+    variants = OPENAPI["components"]["schemas"]["ClientFrame"]["oneOf"]
+    frames = {v["properties"]["type"]["const"]: v for v in variants}
+    assert set(frames) == set(FRAME_MODELS)
+    for kind, variant in frames.items():
+        name = FRAME_MODELS[kind]
+        if name is None:
+            assert set(variant["properties"]) == {"type"}, kind
+        else:
+            problems += _check_model(name, variant, ignore=frozenset({"type"}))
+    assert not problems, "\n".join(problems)
+    cap = _resolve({"$ref": "#/components/schemas/Prompt"})["x-maxBytes"]
+    assert cap == AcpExtension.max_message_bytes.default_value
+    prompt = api_models.Prompt
+    assert api_models.parse(prompt, {"message": "é" * (cap // 2)}, max_message_bytes=cap).message
+    with pytest.raises(AcpError) as refused:
+        api_models.parse(prompt, {"message": "é" * (cap // 2) + "x"}, max_message_bytes=cap)
+    assert refused.value.status == 413
+
+
+async def test_idle_sockets_get_keep_alive_pings(api: Any, jp_ws_fetch: Any, jp_serverapp: Any) -> None:
+    """The session socket is jupyter_server's WebSocketMixin: it pings every ws_ping_interval
+    ms; a client that answers (tornado's does) stays connected however long it is idle."""
+    jp_serverapp.web_app.settings.update(ws_ping_interval=100, ws_ping_timeout=300)
+    sid = (await start(api))["id"]
+    ws = await ws_connect(jp_ws_fetch, sid)
+    pings: list[bytes] = []
+    ws.on_ping = pings.append  # type: ignore[method-assign]
+    await frames_until(ws, "history:end")
+    await asyncio.sleep(1.2)  # idle for four ping timeouts
+    assert len(pings) >= 5, pings
+    ws.write_message(json.dumps({"type": "ping"}))
+    assert (await next_frame(ws))["type"] == "pong"
+    ws.close()
+
+
+async def test_a_client_that_stops_answering_pings_is_closed(
+        api: Any, jp_serverapp: Any, jp_http_port: int, jp_base_url: str) -> None:
+    """A client that is gone without a word (a laptop closed, a VPN dropped) answers no ping:
+    after ws_ping_timeout ms the server closes the socket, with a close frame."""
+    jp_serverapp.web_app.settings.update(ws_ping_interval=100, ws_ping_timeout=300)
+    sid = (await start(api))["id"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", jp_http_port)
+    headers = {"Host": f"127.0.0.1:{jp_http_port}", "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+               "Sec-WebSocket-Version": "13", **auth("alice")}
+    request = f"GET {jp_base_url}api/acp/sessions/{sid}/ws HTTP/1.1\r\n" + \
+        "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    writer.write(request.encode())
+    assert b" 101 " in (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0]
+    began, opcodes = time.monotonic(), []
+    try:
+        while not opcodes or opcodes[-1] != 0x8:  # the server's frames, never answered
+            head = await asyncio.wait_for(reader.readexactly(2), 10)
+            size = head[1] & 0x7F
+            if size >= 126:
+                size = int.from_bytes(await reader.readexactly(2 if size == 126 else 8), "big")
+            await reader.readexactly(size)
+            opcodes.append(head[0] & 0x0F)
+    finally:
+        writer.close()
+    assert 0x9 in opcodes, opcodes  # pinged
+    assert time.monotonic() - began >= 0.25, opcodes  # (not before the timeout)

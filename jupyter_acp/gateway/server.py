@@ -18,8 +18,8 @@ For every request the route:
    endpoint the admin allows — with the *real* credentials, which never enter the sandbox;
 4. relays the response as it streams, while ``UsageMeter`` reads its ``usage`` block; for
    OpenAI streams it sets ``stream_options.include_usage`` so that the endpoint reports usage;
-5. hands the usage to the route's ``on_usage`` (the session manager writes it to the ledger,
-   one record per LLM request, source ``gateway``) *before* the last byte reaches the agent,
+5. hands the usage to the route's ``on_usage`` (the session records it in the ledger, one
+   record per LLM request, source ``gateway``) *before* the last byte reaches the agent,
    so that the agent's turn cannot end before its last request is counted.
 
 Accounting rule: a session whose LLM traffic goes through the gateway is metered by the gateway

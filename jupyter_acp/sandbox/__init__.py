@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from .base import ProcessSandbox, ResourceLimits, Sandbox, SandboxSpec
 from .local import LocalProcessSandbox
 
@@ -19,5 +21,7 @@ def backend(kind: str) -> type[Sandbox]:
     if kind == "docker":
         from .docker import DockerSandbox
 
-        return DockerSandbox
+        # the admin's configurable, not a Sandbox: it offers the class-level part of the contract
+        # (kind, isolated, create, available, on_manager_*); create() returns a real Sandbox
+        return cast("type[Sandbox]", DockerSandbox)
     raise ValueError(f"Unknown sandbox backend {kind!r}; choose docker, bubblewrap or local")
