@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import acp
+from harness import QuietClient, p95
 from traitlets.config import Config, LoggingConfigurable
 
 from jupyter_acp.agents_builtin import python_ro_paths
@@ -42,22 +43,6 @@ from jupyter_acp.sandbox.base import ResourceLimits, SandboxSpec
 from jupyter_acp.sandbox.docker import LABEL_RUN, LABEL_SESSION, WARM_SESSION, DockerSandbox
 
 DEMO = [sys.executable, "-m", "jupyter_acp.agents_builtin.demo"]
-
-
-class QuietClient:
-    async def session_update(self, session_id: str, update: Any, **kwargs: Any) -> None:
-        pass
-
-    async def request_permission(self, *args: Any, **kwargs: Any) -> Any:
-        raise acp.RequestError.method_not_found("session/request_permission")
-
-    def on_connect(self, conn: Any) -> None:
-        pass
-
-
-def p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
 
 
 async def one(spec: SandboxSpec, parent: Any) -> tuple[float, bool, float]:

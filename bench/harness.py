@@ -145,6 +145,27 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def p95(values: list[float]) -> float:
+    """The 95th percentile as the sandbox benchmarks report it (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
+
+
+class QuietClient:
+    """An ACP client that ignores updates and refuses permissions: enough to open a session."""
+
+    async def session_update(self, session_id: str, update: object, **kwargs: object) -> None:
+        pass
+
+    async def request_permission(self, *args: object, **kwargs: object) -> object:
+        import acp
+
+        raise acp.RequestError.method_not_found("session/request_permission")
+
+    def on_connect(self, conn: object) -> None:
+        pass
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

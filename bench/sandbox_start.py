@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import acp
+from harness import QuietClient, p95
 from traitlets.config import Config, LoggingConfigurable
 
 from jupyter_acp.agents_builtin import python_ro_paths
@@ -45,17 +46,6 @@ DEMO = [sys.executable, "-m", "jupyter_acp.agents_builtin.demo"]
 #: Seconds a warm spare waits before it is used, as for a user who opens a session a moment
 #: after the previous one.
 SPARE_IDLE = 1.0
-
-
-class QuietClient:
-    async def session_update(self, session_id: str, update: Any, **kwargs: Any) -> None:
-        pass
-
-    async def request_permission(self, *args: Any, **kwargs: Any) -> Any:
-        raise acp.RequestError.method_not_found("session/request_permission")
-
-    def on_connect(self, conn: Any) -> None:
-        pass
 
 
 async def one(make: Callable[[], Sandbox]) -> tuple[float, float, float]:
@@ -77,11 +67,6 @@ async def one(make: Callable[[], Sandbox]) -> tuple[float, float, float]:
                 await conn.close()
         await sandbox.stop(timeout=1)
         await sandbox.remove()
-
-
-def p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
 
 
 async def run_backend(name: str, n: int, make: Callable[[], Sandbox],

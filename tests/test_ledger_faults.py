@@ -281,10 +281,9 @@ async def test_a_locked_database_ends_the_turn_with_an_error_and_loses_nothing(a
     assert manager.get_session_stats("alice", session.id)["tokens"]["total_tokens"] == totals["total_tokens"]
 
 
-async def test_a_turn_whose_client_goes_away_while_its_record_waits_still_ends(acp_managers,
-                                                                               sqlite_ledger):
-    """The caller of a turn is cancelled (a closed request) while the turn's record waits for the
-    database: the record is still written, the turn still ends, the session is ready."""
+async def turn_waiting_for_its_record(acp_managers: Any, sqlite_ledger: Any) -> tuple[Any, ...]:
+    """A demo turn whose usage record waits for a database another process holds locked:
+    (ledger, manager, session, events, lock holder, turn task). The caller releases the lock."""
     ledger, db = sqlite_ledger(write_timeout=30)
     manager = acp_managers(ledger=ledger)
     session = await manager.create_user_session("alice", "demo")
@@ -296,6 +295,19 @@ async def test_a_turn_whose_client_goes_away_while_its_record_waits_still_ends(a
         await wait_for(lambda: any(e["type"] == "session_update" and e["data"]["sessionUpdate"]
                                    == "usage_update" for e in events))
         await asyncio.sleep(0.2)  # in _finish_turn, waiting for the lock
+    except BaseException:
+        holder.kill()
+        raise
+    return ledger, manager, session, events, holder, turn
+
+
+async def test_a_turn_whose_client_goes_away_while_its_record_waits_still_ends(acp_managers,
+                                                                               sqlite_ledger):
+    """The caller of a turn is cancelled (a closed request) while the turn's record waits for the
+    database: the record is still written, the turn still ends, the session is ready."""
+    ledger, _, session, events, holder, turn = await turn_waiting_for_its_record(
+        acp_managers, sqlite_ledger)
+    try:
         turn.cancel()
         await asyncio.sleep(0.2)
         assert session.state is SessionState.BUSY  # (the record is not given up)
@@ -315,17 +327,9 @@ async def test_a_turn_whose_client_goes_away_while_its_record_waits_still_ends(a
 async def test_a_session_stopped_while_its_record_waits_stays_stopped(acp_managers, sqlite_ledger):
     """The user deletes the session while its last turn's record waits for the database: the
     record is still written and the turn ends, but the session stays stopped (not ready)."""
-    ledger, db = sqlite_ledger(write_timeout=30)
-    manager = acp_managers(ledger=ledger)
-    session = await manager.create_user_session("alice", "demo")
-    events: list[dict[str, Any]] = []
-    session.subscribe(events.append)
-    holder = await LockHolder.take(db)
+    ledger, manager, session, events, holder, turn = await turn_waiting_for_its_record(
+        acp_managers, sqlite_ledger)
     try:
-        turn = asyncio.create_task(session.prompt("hello there"))
-        await wait_for(lambda: any(e["type"] == "session_update" and e["data"]["sessionUpdate"]
-                                   == "usage_update" for e in events))
-        await asyncio.sleep(0.2)
         await manager.delete_user_session("alice", session.id)
         assert session.state is SessionState.STOPPED and not turn.done()
         await asyncio.to_thread(holder.release)
