@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from acp import PROTOCOL_VERSION, connect_to_agent, schema, text_block
@@ -40,61 +38,17 @@ from .errors import (
     agent_refusal,
 )
 from .history import EventHistory, Subscriber, public_event, wire_json
-from .limits import AgentInputLimits
 from .linefilter import filtered_reader
 from .modes import ModePolicy
 from .permissions import PendingPermission, PermissionDesk
 from .sandbox.base import Sandbox, SandboxSpec
+from .session_types import SessionOptions, SessionState, TurnResult
 from .shrink import TextBudget
 from .usage import RecordOutcome, TurnUsage, UsageLedger, UsageNormalizer
 
 log = logging.getLogger("jupyter_acp.session")
 
 __all__ = ["AgentSession", "SessionOptions", "SessionState", "TurnResult", "public_event", "wire_json"]
-
-
-class SessionState(str, enum.Enum):
-    STARTING = "starting"
-    READY = "ready"
-    BUSY = "busy"
-    STOPPED = "stopped"
-    ERROR = "error"
-
-
-@dataclass
-class TurnResult:
-    """What one prompt turn produced."""
-
-    text: str
-    stop_reason: str
-    usage: TurnUsage
-    turn: int
-    duration: float
-    error: str | None = None
-    """Why the turn was cut short, if the session did it (a quota refusal, ``quota_refused``)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {"text": self.text, "stop_reason": self.stop_reason, "usage": self.usage.to_dict(),
-                "turn": self.turn, "duration": round(self.duration, 6)}
-        if self.error is not None:
-            data["error"] = self.error
-        return data
-
-
-@dataclass
-class SessionOptions:
-    """Per-session settings decided by the manager (from the admin's config)."""
-
-    permission_policy: str = "ask"
-    """``ask`` the user, or ``allow`` / ``deny`` every request without asking."""
-    permission_timeout: float = 300.0
-    init_timeout: float = 60.0
-    max_history: int = 10_000
-    limits: AgentInputLimits = field(default_factory=AgentInputLimits)
-    """What the agent may make the server hold or do (bytes, files, terminals)."""
-    allowed_modes: list[str] | None = None
-    """The admin's list of modes this agent may be in; None: those within the policy's level."""
-    client_info: dict[str, str] = field(default_factory=lambda: {"name": "jupyter-acp", "version": "0.1.0"})
 
 
 #: Bytes an event adds around an agent's update (seq, type, time): updates are cut this much
