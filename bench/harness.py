@@ -22,6 +22,8 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+from jupyter_acp.testing import stop_process
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -80,11 +82,7 @@ def jupyter_server(sandbox: str = "local", extra: list[str] | None = None,
         yield {"url": url, "ws": f"ws://127.0.0.1:{port}/", "root": root, "pid": proc.pid, "tmp": tmp,
                "proc": proc}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 15)
         log.close()
 
 

@@ -15,6 +15,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from jupyter_acp.testing import stop_process
+
 TOKEN = "kernel-test-token"
 
 
@@ -55,9 +57,4 @@ def server_for_kernels(tmp: Path, *extra: str) -> Iterator[dict]:
     try:
         yield {"url": url, "root": root, "runtime": runtime, "log": log_path}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)

@@ -38,6 +38,7 @@ from jupyter_acp import logredact
 from jupyter_acp.agents import AgentConfigManager
 from jupyter_acp.credentials import MAX_SECRET_FILE_BYTES, Credentials, CredentialUnavailable, Secret
 from jupyter_acp.logredact import MASK
+from jupyter_acp.testing import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("acp_bench_harness", ROOT / "bench" / "harness.py")
@@ -294,12 +295,7 @@ def jupyter_server(tmp: Path, config: Path) -> Iterator[dict[str, Any]]:
                     time.sleep(0.2)
             yield server
         finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 def turn(server: dict[str, Any], user: int, body: dict[str, Any]) -> str:
