@@ -12,16 +12,20 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DOCKER_ENV := .docker-env
 PYTEST_ARGS ?=
+# Test files run in this many processes (pytest-xdist, one file per process at a time: a file's
+# module fixtures, e.g. the JupyterHub rig, stay in one process). Most of a test's time is
+# agents and servers starting, so two processes on two cores nearly halve the wall time.
+PYTEST_WORKERS ?= 2
 JUPYTER_ARGS ?=
 
-.PHONY: run test bench lint venv labext sandbox-deps system-deps docker agents jstest clean
+.PHONY: run test bench lint venv labext sandbox-deps system-deps docker agents hub jstest clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,lab,docker]'
+	$(BIN)/python -m pip install -q -e '.[test,lab,docker,hub]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 # The built JupyterLab extension, rebuilt when its sources change after the install (the
@@ -75,6 +79,11 @@ docker:
 agents:
 	@scripts/agents >/dev/null || echo "could not install the real agents; their tests will be skipped"
 
+# configurable-http-proxy at a pinned npm version in .cache/chp (idempotent), the proxy of the real
+# JupyterHub in tests/test_hub_e2e.py; without npm those tests are skipped (and fail in CI).
+hub:
+	@scripts/hub-deps >/dev/null || echo "could not install configurable-http-proxy; the JupyterHub tests will be skipped"
+
 # The JupyterLab extension's unit tests (vitest; node_modules come from `pip install`'s build).
 jstest: venv
 	cd labextension && PATH="$(abspath $(BIN)):$$PATH" jlpm install >/dev/null && PATH="$(abspath $(BIN)):$$PATH" jlpm test
@@ -83,13 +92,13 @@ lint: venv
 	$(BIN)/ruff check jupyter_acp tests bench
 	$(BIN)/python -m mypy
 
-test: venv labext system-deps docker agents lint jstest
+test: venv labext system-deps docker agents hub lint jstest
 	@if [ -f $(DOCKER_ENV) ]; then . ./$(DOCKER_ENV); fi; \
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: venv system-deps docker
 	@if [ -f $(DOCKER_ENV) ]; then . ./$(DOCKER_ENV); fi; \
-	for b in sandbox_start docker_pool relay fanout scale; do echo "== bench/$$b.py"; \
+	for b in sandbox_start docker_pool relay fanout scale hub_gateway; do echo "== bench/$$b.py"; \
 	  $(BIN)/python bench/$$b.py || exit 1; done
 
 run: venv labext sandbox-deps

@@ -1,7 +1,9 @@
 """The Docker warm pool against new sessions: cold vs warm session-ready time, and idle spares.
 
-Every session is a *new* one: its own home directory (with a file the server wrote) and its own
-credentials in the environment, as the session manager makes them. Two workloads of 20
+Every session is a *new* one: its own home directory (with a file the server wrote), its own
+credentials in the environment and its own LLM gateway route (the agent is started by the
+gateway's relay, whose socket directory the container shows at a fixed path, as for every real
+agent), as the session manager makes them. Two workloads of 20
 sessions each, one after the other (each closed before the next starts):
 
 * ``one user``      20 sessions of one user (one workspace)
@@ -39,6 +41,7 @@ from harness import QuietClient, p95
 from traitlets.config import Config, LoggingConfigurable
 
 from jupyter_acp.agents_builtin import python_ro_paths
+from jupyter_acp.gateway import LlmGateway
 from jupyter_acp.sandbox.base import ResourceLimits, SandboxSpec
 from jupyter_acp.sandbox.docker import LABEL_RUN, LABEL_SESSION, WARM_SESSION, DockerSandbox
 
@@ -56,6 +59,9 @@ async def one(spec: SandboxSpec, parent: Any) -> tuple[float, bool, float]:
         await asyncio.wait_for(conn.initialize(protocol_version=acp.PROTOCOL_VERSION), 60)
         await asyncio.wait_for(conn.new_session(cwd=sandbox.workspace_path, mcp_servers=[]), 30)
         return time.perf_counter() - t0, sandbox.from_pool, started
+    except Exception:
+        print("agent stderr:", "\n".join(sandbox.stderr_tail), file=sys.stderr)
+        raise
     finally:
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -82,6 +88,7 @@ async def workload(users: list[str], n: int, pool: int, root: Path) -> dict[str,
         if os.geteuid() == 0:
             os.chown(workspaces[user], 1000, 1000)
     limits = ResourceLimits(mem_limit=512 * 1024**2, cpu_limit=1.0, pids_limit=256)
+    gateway = LlmGateway(socket_dir=str(run / "llm"))
 
     def spec(user: str) -> SandboxSpec:
         session = uuid.uuid4().hex[:12]
@@ -90,10 +97,18 @@ async def workload(users: list[str], n: int, pool: int, root: Path) -> dict[str,
         (home / "settings.json").write_text("{}")
         if os.geteuid() == 0:
             os.chown(home, 1000, 1000)
-        return SandboxSpec(argv=DEMO, workspace=workspaces[user], home=str(home), limits=limits,
-                           env={"HOME": str(home), "PATH": "/usr/bin:/bin", "API_KEY": f"secret-{session}"},
+        route = gateway.open_route(session_id=session, user=user, api="openai", upstream="http://127.0.0.1:9/v1",
+                                   api_key=f"secret-{session}", on_usage=lambda usage: None,
+                                   check_quota=lambda: None)
+        argv = gateway.relay_argv(route, DEMO, {"OPENAI_BASE_URL": route.agent_base_url},
+                                  socket_dir=DockerSandbox.gateway_target)
+        relay_ro, _ = gateway.sandbox_paths(route)
+        return SandboxSpec(argv=argv, workspace=workspaces[user], home=str(home), limits=limits,
+                           env={"HOME": str(home), "PATH": "/usr/bin:/bin",
+                                "OPENAI_API_KEY": route.dummy_key},
                            labels={"user": user, "session": session, "agent": "demo"},
-                           ro_paths=python_ro_paths())
+                           ro_paths=[*python_ro_paths(), *relay_ro],
+                           gateway_dir=os.path.dirname(route.socket_path))
 
     times: list[float] = []
     starts: list[float] = []
@@ -118,7 +133,9 @@ async def workload(users: list[str], n: int, pool: int, root: Path) -> dict[str,
                                                                       f"{LABEL_SESSION}={WARM_SESSION}"]}))
     finally:
         await DockerSandbox.on_manager_stop(parent=parent)
-    leftovers = [p.name for p in homes.iterdir() if p.name.startswith(".jupyter-acp-spare-")]
+        gateway.close()
+    leftovers = [p.name for d in (homes, run / "llm") for p in d.iterdir()
+                 if p.name.startswith(".jupyter-acp-spare-")]
     return {"times": times, "starts": starts, "hits": hits, "idle": idle,
             "leftover_spare_homes": len(leftovers)}
 
@@ -146,7 +163,7 @@ async def main() -> None:
         print(f"{label:<10} {mode:<5} {started:>11.1f} {statistics.median(ms):>9.1f} {p95(ms):>9.1f} "
               f"{r['hits']:>6}/{len(ms):<2} {r['idle']:>17}")
     if any(r["leftover_spare_homes"] for _, _, r in rows):
-        print("WARNING: spare home directories were left behind")
+        print("WARNING: spare directories were left behind")
 
 
 if __name__ == "__main__":

@@ -21,15 +21,16 @@ from typing import Any
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
-from traitlets import Bool, Enum, Integer, List, Type, Unicode, default
+from traitlets import Bool, Enum, Float, Integer, List, Type, Unicode, default
 
 from . import __version__, logredact
 from .agents import AgentConfigManager
 from .gateway import LlmGateway
 from .handlers import handlers
+from .hubclient import HUB_TOKEN_ENV, SERVICE_URL_ENV, HubClient, HubConfigError, resolve_hub_mode
 from .limits import return_large_blocks_to_the_os
 from .manager import UserSessionManager
-from .sandbox.bubblewrap import BubblewrapSandbox
+from .sandbox.bubblewrap import BubblewrapSettings
 from .usage import UsageLedger
 
 # Credentials never reach a log line from here on (see ``logredact``). jupyter_server imports
@@ -47,7 +48,7 @@ EVENT_SCHEMAS = {
 
 
 def _sandbox_classes() -> list[type]:
-    classes: list[type] = [BubblewrapSandbox]
+    classes: list[type] = [BubblewrapSettings]  # c.BubblewrapSandbox.*
     with contextlib.suppress(ImportError):  # the docker SDK is an optional extra
         from .sandbox.docker import DockerSandbox
 
@@ -138,6 +139,44 @@ class AcpExtension(ExtensionApp):
         messages left the server ~900 MiB larger for good. 0: glibc's default.""",
     ).tag(config=True)
 
+    hub_mode = Enum(
+        ["auto", "on", "off"],
+        "auto",
+        help="""Whether the JupyterHub service of jupyter-acp (``python -m jupyter_acp.hub``)
+        holds the LLM keys, meters every LLM request, keeps the ledger and enforces the quota,
+        out of the user's reach: a single-user server runs as its user, who can read all it
+        holds. In hub mode this server holds no key: each session of an agent with an LLM gets
+        a gateway token from the service, the quota is the service's and ``GET
+        /api/acp/usage`` answers from it; an agent that needs the service does not start while
+        it is unreachable (503). ``auto``: on when the server was spawned by JupyterHub
+        (``JUPYTERHUB_API_TOKEN`` and ``JUPYTERHUB_USER`` set) and ``hub_service_url`` is known.
+        ``on``: required (the extension does not load without a URL and a hub token). ``off``:
+        this server meters itself, as a personal server does.""",
+    ).tag(config=True)
+
+    hub_service_url = Unicode(
+        help="""The URL of the jupyter-acp hub service as this server reaches it, e.g.
+        ``http://127.0.0.1:10101/services/jupyter-acp/``. Default: ``$JUPYTER_ACP_HUB_SERVICE_URL``
+        (the admin sets it for every server with ``c.Spawner.environment``).""",
+    ).tag(config=True)
+
+    @default("hub_service_url")
+    def _default_hub_service_url(self) -> str:
+        return os.environ.get(SERVICE_URL_ENV, "")
+
+    hub_allow_user_credentials = Bool(
+        False,
+        help="""In hub mode, let users start agents with their own ``api_key`` / ``base_url``.
+        Off by default: the hub service meters and caps only the requests that go through its
+        own gateway, so a session with the user's own key would be outside the hub's quota and
+        usage tables (it is then metered by this server alone, in the user's reach).""",
+    ).tag(config=True)
+
+    hub_request_timeout = Float(
+        10.0,
+        help="Seconds one request to the jupyter-acp hub service may take (hub mode).",
+    ).tag(config=True)
+
     session_manager_class = Type(
         UserSessionManager,
         klass=UserSessionManager,
@@ -170,10 +209,39 @@ class AcpExtension(ExtensionApp):
             acp_max_request_bytes=self.max_request_bytes,
             acp_max_socket_buffer_bytes=self.max_socket_buffer_bytes,
         )
+        self._start_hub_mode(manager)
         self._check_credentials(manager.agents)
         self.log.info("jupyter-acp %s: agents %s; sandboxes %s", __version__,
                       ", ".join(s.name for s, ok, _ in manager.agents.list_agents() if ok) or "none",
                       ", ".join(b["kind"] for b in manager.backends() if b["available"]) or "none")
+
+    def _start_hub_mode(self, manager: UserSessionManager) -> None:
+        """Decide hub mode once, say which mode is on, and give the manager the service's client.
+
+        In hub mode the admin credentials of this server's own configuration are ignored (with
+        one warning): the user can read whatever this server holds."""
+        try:
+            on, why = resolve_hub_mode(self.hub_mode, self.hub_service_url, os.environ)
+        except HubConfigError as e:
+            self.log.error("jupyter-acp: %s", e)
+            raise
+        if not on:
+            self.log.info("jupyter-acp: hub mode off (%s): this server meters agents itself", why)
+            return
+        manager.hub = HubClient(self.hub_service_url, os.environ[HUB_TOKEN_ENV],
+                                allow_user_credentials=self.hub_allow_user_credentials,
+                                timeout=self.hub_request_timeout)
+        self.log.info("jupyter-acp: hub mode on (%s): LLM keys, metering, quota and usage come "
+                      "from the JupyterHub service at %s", why, manager.hub.url)
+        agents = manager.agents
+        if agents.credentials or agents.credentials_from_env:
+            self.log.warning(
+                "jupyter-acp: hub mode: c.AgentConfigManager.credentials%s of this server are "
+                "ignored: the user this server runs as could read them. Give the keys to the hub "
+                "service (c.AcpHub.credentials) instead.",
+                " and credentials_from_env" if agents.credentials_from_env else "")
+            agents.credentials = {}
+            agents.credentials_from_env = False
 
     def _check_credentials(self, agents: AgentConfigManager) -> None:
         """Say at start what would refuse sessions later (an unset variable, an unreadable
@@ -264,6 +332,8 @@ class AcpExtension(ExtensionApp):
         """Stop every agent session and sandbox (the server is stopping): nothing is left."""
         self.log.info("jupyter-acp: stopping %d agent sessions", len(self.manager.all_sessions()))
         await self.manager.shutdown()
+        if self.manager.hub is not None:
+            self.manager.hub.close()
         for task in list(self._tasks):
             task.cancel()
         self.manager.ledger.close()

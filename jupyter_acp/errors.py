@@ -119,6 +119,27 @@ class ModeNotAllowed(AcpError):
     status = 403
 
 
+class HubUnavailable(AcpError):
+    """Hub mode: the JupyterHub service of jupyter-acp cannot be reached, or answered with a
+    server error. Agents that need it (an LLM through the service) do not start meanwhile."""
+
+    status = 503
+
+
+class HubRefused(AcpError):
+    """Hub mode: the JupyterHub service refused this server's hub token (a missing scope, an
+    expired token): an admin's configuration problem, not the user's request."""
+
+    status = 403
+
+
+class UserCredentialsRefused(AcpError):
+    """Hub mode: a user's own ``api_key`` / ``base_url`` for an agent the hub service meters
+    (``c.AcpExtension.hub_allow_user_credentials`` is off)."""
+
+    status = 403
+
+
 def agent_refusal(spec: AgentSpec, code: int, data: Any, text: str, what: str) -> AgentError:
     """What to tell the user when the agent answers ``what`` with a JSON-RPC error.
 

@@ -284,6 +284,9 @@ class UsageHandler(AcpHandler):
         if (everyone or user != self.username) and not self.is_admin():
             raise web.HTTPError(403, "Only an admin may read other users' usage")
         who = None if everyone else user
+        if self.manager.hub is not None:  # hub mode: the service's ledger is the record
+            self.write_json(await self.manager.hub.usage_summary(who))
+            return
         today = utc_day()
         # each query in the ledger's threads: a slow database delays this answer, not the server
         # (one that cannot be read is a 503, LedgerUnavailable). ``used_today`` and ``total``

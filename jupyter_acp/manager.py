@@ -23,7 +23,6 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Dict, Enum, Float, Instance, Integer, TraitError, Unicode, default, validate
-from traitlets.config import LoggingConfigurable
 
 from .agents import AgentConfigManager, AgentSpec
 from .errors import (
@@ -37,13 +36,13 @@ from .errors import (
     TooManySessions,
 )
 from .gateway import LlmGateway
-from .gateway.plan import plan_launch
-from .limits import AgentInputLimits
+from .gateway.plan import plan_launch, uses_gateway
+from .hubclient import GatewayGrant, HubClient, service_checks_quota
+from .limit_traits import SessionLimits
 from .sandbox import backend
-from .sandbox.base import SYSTEM_PATH, ResourceLimits, Sandbox, SandboxSpec
+from .sandbox.base import SYSTEM_PATH, Sandbox, SandboxBackend, SandboxSpec
 from .sandbox.remote import RemoteAgent
 from .session import AgentSession, SessionOptions, SessionState, TurnResult
-from .sizes import ByteSpecification, parse_bytes
 from .usage import TurnUsage, UsageLedger
 from .usernames import safe_username
 from .workspace_fs import NAME_MAX, PATH_MAX
@@ -51,7 +50,7 @@ from .workspace_fs import NAME_MAX, PATH_MAX
 #: Backends tried, best first, when the admin leaves ``sandbox`` empty.
 BACKEND_PREFERENCE = ("docker", "bubblewrap", "local")
 
-class UserSessionManager(LoggingConfigurable):
+class UserSessionManager(SessionLimits):
     """Holds the live agent sessions of all users and applies the admin's limits to them."""
 
     # -- capacity and culling ------------------------------------------------------------------
@@ -123,45 +122,6 @@ class UserSessionManager(LoggingConfigurable):
     def _default_agent_home_dir(self) -> str:
         return str(Path(jupyter_runtime_dir()) / "acp-homes")
 
-    # -- limits --------------------------------------------------------------------------------
-    mem_limit = ByteSpecification(
-        help="""Memory cap of one agent sandbox (bytes, or 512M / 1G). An agent's own default
-        (node-based agents need about 1G) applies below this cap. Default: JupyterHub's
-        ``MEM_LIMIT`` when set, else 1G. Empty or 0: no limit.""",
-    ).tag(config=True)
-
-    @default("mem_limit")
-    def _default_mem_limit(self) -> str:
-        return os.environ.get("MEM_LIMIT") or "1G"
-
-    cpu_limit = Float(
-        help="""CPU cores one agent sandbox may use (1.5 = one and a half). Default: JupyterHub's
-        ``CPU_LIMIT`` when set, else 1. 0 means no limit.""",
-    ).tag(config=True)
-
-    @default("cpu_limit")
-    def _default_cpu_limit(self) -> float:
-        try:
-            return float(os.environ.get("CPU_LIMIT") or 1.0)
-        except ValueError:
-            return 1.0
-
-    pids_limit = Integer(
-        256, help="Processes and threads one agent sandbox may run. 0 means no limit."
-    ).tag(config=True)
-
-    disk_limit = ByteSpecification(
-        "",
-        help="""How much one agent may write (bytes, or 1G). Enforced only by backends that can
-        (see the session's ``limits.enforced``). Empty or 0: no limit.""",
-    ).tag(config=True)
-
-    network = Bool(
-        False,
-        help="""Whether agent sandboxes may open network connections. Off by default: an agent
-        then reaches its LLM only through the server.""",
-    ).tag(config=True)
-
     # -- agent behaviour -----------------------------------------------------------------------
     permission_policy = Enum(
         ["ask", "allow", "deny"],
@@ -204,37 +164,7 @@ class UserSessionManager(LoggingConfigurable):
         10_000, help="Events of a session kept for clients that reconnect (older ones are dropped)."
     ).tag(config=True)
 
-    # -- what one agent may cost the server (see limits.py) ------------------------------------
-    max_event_bytes = ByteSpecification(
-        "1M",
-        help="""Largest event (bytes, or 256K / 1M) a session keeps and sends to clients: longer
-        text in an agent's update is cut, with a note saying how much was dropped.""",
-    ).tag(config=True)
-
-    max_history_bytes = ByteSpecification(
-        "4M",
-        help="""Bytes of events one session keeps for clients that reconnect (with
-        ``max_history`` as a count). The oldest go first, and a ``history:truncated`` event says
-        how many were dropped.""",
-    ).tag(config=True)
-
-    max_file_bytes = ByteSpecification(
-        "8M",
-        help="""Largest file an agent may read or write through ACP ``fs/*`` (it can still work on
-        larger files inside its sandbox).""",
-    ).tag(config=True)
-
-    max_terminal_output_bytes = ByteSpecification(
-        "1M",
-        help="""Output kept per agent terminal, whatever ``outputByteLimit`` the agent asks for
-        (the end of the output is kept).""",
-    ).tag(config=True)
-
-    max_terminals = Integer(
-        8, help="Terminals one agent session may hold at once; more are refused. 0: no terminals."
-    ).tag(config=True)
-
-    @validate("max_sessions_per_user", "pids_limit", "max_history", "max_terminals")
+    @validate("max_sessions_per_user", "max_history")
     def _non_negative(self, proposal: Any) -> int:
         if proposal["value"] < 0:
             raise TraitError(f"{proposal['trait'].name} must be >= 0")
@@ -265,14 +195,19 @@ class UserSessionManager(LoggingConfigurable):
         self._admitted: dict[str, int] = {}
         self._shutting_down = False
         self._monitor: asyncio.Task[None] | None = None
-        self._started_backends: set[type[Sandbox]] = set()
+        self._started_backends: set[SandboxBackend] = set()
         #: Called on agent activity (the extension keeps ``acp_last_activity`` fresh with it).
         self.on_activity: Callable[[], None] | None = None
         #: Called with (event name, data) for audit events (the extension's event logger).
         self.on_audit: Callable[[str, dict[str, Any]], None] | None = None
+        #: Hub mode (set by the extension): the JupyterHub service that meters the sessions of
+        #: agents with an LLM (``hubclient``); None: this server meters everything itself.
+        self.hub: HubClient | None = None
+        #: the gateway token of each session the service meters (revoked when it ends)
+        self._hub_grants: dict[str, GatewayGrant] = {}
 
     # -- sandbox choice ------------------------------------------------------------------------
-    def backend_for(self, spec: AgentSpec) -> type[Sandbox]:
+    def backend_for(self, spec: AgentSpec) -> SandboxBackend:
         """The sandbox class an agent runs in, or ``AgentUnavailable`` explaining why none fits."""
         if self.sandbox:
             cls = backend(self.sandbox)
@@ -302,30 +237,6 @@ class UserSessionManager(LoggingConfigurable):
             ok, why = backend(kind).available(parent=self)
             out.append({"kind": kind, "available": ok, "reason": why})
         return out
-
-    def limits_for(self, spec: AgentSpec) -> ResourceLimits:
-        cap = parse_bytes(self.mem_limit)
-        own = spec.mem_limit
-        mem = min(x for x in (cap, own) if x) if (cap or own) else None
-        return ResourceLimits(mem_limit=mem, cpu_limit=self.cpu_limit or None,
-                              pids_limit=self.pids_limit or None,
-                              disk_limit=parse_bytes(self.disk_limit), network=self.network)
-
-    def input_limits(self) -> AgentInputLimits:
-        """The admin's bounds on what one agent may make the server hold (see limits.py)."""
-        defaults = AgentInputLimits()
-
-        def size(value: str, fallback: int) -> int:
-            return parse_bytes(value) or fallback
-
-        return AgentInputLimits(
-            max_event_bytes=size(self.max_event_bytes, defaults.max_event_bytes),
-            max_history_bytes=size(self.max_history_bytes, defaults.max_history_bytes),
-            max_file_bytes=size(self.max_file_bytes, defaults.max_file_bytes),
-            max_terminal_output_bytes=size(self.max_terminal_output_bytes,
-                                           defaults.max_terminal_output_bytes),
-            max_terminals=self.max_terminals,
-        )
 
     def workspace_root(self, username: str) -> Path:
         path = self.workspace_template.format(root_dir=self.root_dir, username=safe_username(username))
@@ -418,11 +329,17 @@ class UserSessionManager(LoggingConfigurable):
     async def _create(self, username: str, spec: AgentSpec, workspace: Path,
                       credentials: dict[str, str] | None, on_listed: Callable[[], None]
                       ) -> AgentSession:
+        hub = self.hub if self.hub is not None and self.hub.meters(spec, credentials) else None
+        if hub is not None and not uses_gateway(self.gateway, spec, {"api_key": "hub"}):
+            raise AgentUnavailable(
+                f"{spec.display_name} cannot be metered by the JupyterHub service here: its LLM "
+                "traffic must go through the server's gateway (c.LlmGateway.enabled, and the "
+                "agent's credential_env must map api_key and base_url)")
         try:
             creds = self.agents.credentials_for(spec, credentials)
         except ValueError as e:
             raise BadRequest(str(e)) from None
-        cls: type[Sandbox] = RemoteAgent if spec.url else self.backend_for(spec)
+        cls: SandboxBackend = RemoteAgent if spec.url else self.backend_for(spec)
         await self._backend_started(cls)
         spec = spec.for_policy(self.permission_policy)  # started in the policy's mode
         # built in one step: first the id, the home and the launch (which may open a gateway
@@ -430,14 +347,17 @@ class UserSessionManager(LoggingConfigurable):
         session_id = uuid.uuid4().hex
         home = self._make_home(session_id)
         try:
+            if hub is not None:  # a gateway token of the service's, its "real key" (hubclient)
+                grant = self._hub_grants[session_id] = await hub.grant(session_id, spec)
+                creds = hub.launch_credentials(grant, creds)
             session = self._build(session_id, username, spec, cls, creds, workspace, home)
         except BaseException:
             self._remove_home(session_id)
-            self.gateway.close_route(session_id)
+            self._close_route(session_id)
             raise
         if self._shutting_down:  # (the server began to stop while this one was prepared)
             self._remove_home(session.id)
-            self.gateway.close_route(session.id)
+            self._close_route(session.id)
             raise SessionNotReady("The server is stopping; start the session again once it is back")
         self._sessions[session.id] = session  # counts against the limit while it starts
         on_listed()
@@ -448,21 +368,29 @@ class UserSessionManager(LoggingConfigurable):
         except BaseException:
             self._sessions.pop(session.id, None)
             self._remove_home(session.id)
-            self.gateway.close_route(session.id)
+            self._close_route(session.id)
             raise
         return session
 
-    def _build(self, session_id: str, username: str, spec: AgentSpec, cls: type[Sandbox],
+    def _build(self, session_id: str, username: str, spec: AgentSpec, cls: SandboxBackend,
                creds: dict[str, str], workspace: Path, home: Path) -> AgentSession:
         """The session, whole: its launch (which may open a gateway route, whose callbacks reach
         the session once it exists), its sandbox spec and factory, its options."""
         session: AgentSession
         spec.write_home(home)
-        launch = plan_launch(self.gateway, spec, creds, self.agents.admin_credentials(spec),
+        # the one switch of hub mode: a session the service meters (it holds a gateway token)
+        # records to ``HubUsageBook`` (nothing written here, quota asked of the service), its
+        # route trusts the service's gateway as its endpoint and leaves the quota to it
+        grant = self._hub_grants.get(session_id)
+        book = self.hub.book if grant is not None and self.hub is not None else self.ledger
+        trusted = {"base_url": grant.base_url} if grant else self.agents.admin_credentials(spec)
+        launch = plan_launch(self.gateway, spec, creds, trusted,
                              session_id=session_id, user=username,
                              on_usage=lambda usage: session.gateway_usage(usage),
-                             check_quota=lambda: self.ledger.acheck_quota(username),
-                             on_refused=lambda message: session.quota_refused(message))
+                             check_quota=(service_checks_quota if grant
+                                          else lambda: self.ledger.acheck_quota(username)),
+                             on_refused=lambda message: session.quota_refused(message),
+                             gateway_target=cls.gateway_target)
         sandbox_spec = SandboxSpec(
             argv=launch.argv,
             workspace=workspace,
@@ -472,6 +400,7 @@ class UserSessionManager(LoggingConfigurable):
             ro_paths=launch.ro_paths,
             rw_paths=list(launch.rw_paths),
             home=str(home),
+            gateway_dir=launch.gateway_dir,
         )
         factory: Callable[[], Sandbox]
         if url := spec.url:
@@ -482,7 +411,7 @@ class UserSessionManager(LoggingConfigurable):
             factory = lambda: cls.create(sandbox_spec, parent=self)  # noqa: E731
         session = AgentSession(
             user=username, spec=spec, sandbox_factory=factory, sandbox_spec=sandbox_spec,
-            ledger=self.ledger, session_id=session_id, metered_by_gateway=launch.route is not None,
+            ledger=book, session_id=session_id, metered_by_gateway=launch.route is not None,
             options=SessionOptions(permission_policy=self.permission_policy,
                                    permission_timeout=self.permission_timeout,
                                    init_timeout=self.init_timeout, max_history=self.max_history,
@@ -534,7 +463,7 @@ class UserSessionManager(LoggingConfigurable):
             if ok:
                 await self._backend_started(cls)
 
-    async def _backend_started(self, cls: type[Sandbox]) -> None:
+    async def _backend_started(self, cls: SandboxBackend) -> None:
         if cls not in self._started_backends:
             self._started_backends.add(cls)
             await cls.on_manager_start(parent=self)
@@ -567,8 +496,23 @@ class UserSessionManager(LoggingConfigurable):
             await session.stop(reason)
         finally:
             self._remove_home(session.id)
-            self.gateway.close_route(session.id)
+            revoking = self._close_route(session.id)
             self._stopping.pop(session.id, None)
+            if revoking is not None:  # (best effort, and a short wait: the token expires anyway)
+                await asyncio.wait({revoking}, timeout=self.HUB_REVOKE_WAIT)
+
+    #: Seconds a deletion waits for the hub service to confirm its gateway token's revocation
+    #: (it goes on in the background for up to ``HubClient.revoke_timeout``).
+    HUB_REVOKE_WAIT = 2.0
+
+    def _close_route(self, session_id: str) -> asyncio.Task[bool] | None:
+        """Close the session's gateway route and, in hub mode, start revoking its gateway
+        token at the service (the task; None when it had none)."""
+        self.gateway.close_route(session_id)
+        grant = self._hub_grants.pop(session_id, None)
+        if grant is None or self.hub is None:
+            return None
+        return self.hub.revoke_soon(grant.token)
 
     async def restart_user_session(self, username: str, session_id: str) -> AgentSession:
         session = self.get_user_session(username, session_id)

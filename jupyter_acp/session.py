@@ -42,9 +42,9 @@ from .linefilter import filtered_reader
 from .modes import ModePolicy
 from .permissions import PendingPermission, PermissionDesk
 from .sandbox.base import Sandbox, SandboxSpec
-from .session_types import SessionOptions, SessionState, TurnResult
+from .session_types import SessionOptions, SessionState, TurnResult, UsageBook
 from .shrink import TextBudget
-from .usage import RecordOutcome, TurnUsage, UsageLedger, UsageNormalizer
+from .usage import RecordOutcome, TurnUsage, UsageNormalizer
 
 log = logging.getLogger("jupyter_acp.session")
 
@@ -69,7 +69,7 @@ class AgentSession:
         spec: AgentSpec,
         sandbox_factory: Callable[[], Sandbox],
         sandbox_spec: SandboxSpec,
-        ledger: UsageLedger,
+        ledger: UsageBook,
         options: SessionOptions | None = None,
         on_activity: Callable[[], None] | None = None,
         on_audit: Callable[[str, dict[str, Any]], None] | None = None,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .limits import AgentInputLimits
-from .usage import TurnUsage
+from .usage import RecordOutcome, TurnUsage
 
 
 class SessionState(str, enum.Enum):
@@ -20,6 +20,23 @@ class SessionState(str, enum.Enum):
     BUSY = "busy"
     STOPPED = "stopped"
     ERROR = "error"
+
+
+class UsageBook(Protocol):
+    """Where a session's usage is recorded and its quota checked (``AgentSession.ledger``): the
+    server's ``UsageLedger``, or — for a session the JupyterHub service meters (hub mode) —
+    ``hubclient.HubUsageBook``, which writes nothing here and asks the service for the quota.
+    The manager chooses one per session; the session never asks which it has."""
+
+    async def acheck_quota(self, user: str) -> None: ...
+
+    async def arecord(self, *, user: str, session_id: str, agent: str, turn: int, usage: TurnUsage,
+                      started_at: float, ended_at: float | None = None, owner: Any = None
+                      ) -> RecordOutcome: ...
+
+    def take_problem(self, owner: Any) -> dict[str, Any] | None: ...
+
+    def live_totals(self, owner: Any) -> dict[str, Any]: ...
 
 
 @dataclass

@@ -41,7 +41,7 @@ from jupyter_acp.sandbox.docker import (
     pool_key,
     resolve_user,
     spare_template,
-    with_spare_home,
+    with_spare_dirs,
 )
 
 DEMO = [sys.executable, "-m", "jupyter_acp.agents_builtin.demo"]
@@ -132,8 +132,8 @@ def test_spare_holds_nothing_of_a_session(tmp_path: Path) -> None:
     homes = tmp_path / "homes"
     a = session("s1", homes / "s1", {"HOME": str(homes / "s1"), "API_KEY": "secret-1"})
     b = session("s2", homes / "s2", {"HOME": str(homes / "s2"), "API_KEY": "secret-2"})
-    ta = spare_template(a, idle_command=["sleep", "infinity"], home=str(homes / "s1"))
-    tb = spare_template(b, idle_command=["sleep", "infinity"], home=str(homes / "s2"))
+    ta = spare_template(a, idle_command=["sleep", "infinity"])
+    tb = spare_template(b, idle_command=["sleep", "infinity"])
     assert pool_key(ta) == pool_key(tb)  # two sessions of one user: one pool
     assert ta == tb
     blob = repr(ta)
@@ -143,29 +143,27 @@ def test_spare_holds_nothing_of_a_session(tmp_path: Path) -> None:
     home_mount = next(m for m in ta["mounts"] if m["Target"] == "/home/agent")
     assert os.path.dirname(home_mount["Source"]) == str(homes) and home_mount["Source"] != str(homes)
     # a spare's own home directory keeps the key; name and pool labels do not count
-    spare = with_spare_home(ta, str(homes / ".jupyter-acp-spare-1234"))
+    spare = with_spare_dirs(ta, {"/home/agent": str(homes / ".jupyter-acp-spare-1234")})
     assert pool_key(dict(spare, name="x", labels={**spare["labels"], LABEL_POOL: "k"})) == pool_key(ta)
     # what must match does count
     assert pool_key(ta) != pool_key(dict(ta, labels={**ta["labels"], "jupyter-acp.user": "bob"}))
     assert pool_key(ta) != pool_key(dict(ta, mem_limit=1))
     other_ws = _build(SandboxSpec(argv=["agent"], workspace=tmp_path / "elsewhere", home=str(homes / "s3"),
                                   labels={"user": "alice", "session": "s3"}))
-    assert pool_key(ta) != pool_key(spare_template(other_ws, idle_command=["sleep", "infinity"],
-                                                   home=str(homes / "s3")))
+    assert pool_key(ta) != pool_key(spare_template(other_ws, idle_command=["sleep", "infinity"]))
     assert pool_key(ta) != pool_key(spare_template(session("s4", tmp_path / "other-homes" / "s4", {}),
-                                                   idle_command=["sleep", "infinity"],
-                                                   home=str(tmp_path / "other-homes" / "s4")))
+                                                   idle_command=["sleep", "infinity"]))
 
 
 def test_adopt_home_moves_the_session_files_into_the_spare_home(tmp_path: Path) -> None:
-    from jupyter_acp.sandbox.docker.sandbox import adopt_home
+    from jupyter_acp.sandbox.docker.sandbox import adopt_dir
 
     session, spare = tmp_path / "s1", tmp_path / ".jupyter-acp-spare-x"
     (session / ".agent").mkdir(parents=True)
     (session / ".agent" / "settings.json").write_text("{}")
     spare.mkdir()
     inode = spare.stat().st_ino
-    adopt_home(str(spare), str(session))
+    adopt_dir(str(spare), str(session))
     assert session.stat().st_ino == inode  # the directory the spare's container has mounted
     assert (session / ".agent" / "settings.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s1"]
@@ -753,3 +751,71 @@ async def test_manager_sessions_from_the_warm_pool(acp_managers: Any, tmp_path: 
     await manager.shutdown()
     assert containers_of_run(run_id) == []
     assert not [p for p in homes.iterdir() if p.name.startswith(".jupyter-acp-spare-")]
+
+
+@pytest.mark.docker
+@pytest.mark.agent
+async def test_gateway_sessions_are_served_by_the_warm_pool(acp_managers: Any, tmp_path: Path) -> None:
+    """A real agent that reaches its LLM through the gateway (every real agent does) takes a
+    spare too: the spare was made before the session's gateway route existed, and the route's
+    socket directory, shown at a fixed path in every container, is swapped in at claim like
+    the home. The turn reaches the fake LLM through that socket and is metered exactly."""
+    from fake_llm import FakeLLM
+    from test_real_agents import REAL_KEY, require_agent
+
+    require_docker()
+    bin_dir = require_agent("qwen")
+    cfg = Config()
+    cfg.DockerSandbox.warm_pool_size = 1
+    with FakeLLM() as fake:
+        manager = acp_managers(sandbox="docker", config=cfg)
+        manager.agents.extra_paths = [bin_dir]
+        manager.agents.credentials = {"qwen": {"api_key": REAL_KEY, "base_url": fake.url + "/v1",
+                                               "model": "fake-model"}}
+        first = await manager.create_user_session("alice", "qwen")
+        assert first.metered_by_gateway and not first.sandbox.from_pool
+        await asyncio.wait_for(DockerSandbox.pool_settled(parent=manager), 30)
+        second = await manager.create_user_session("alice", "qwen", new=True)
+        assert second.metered_by_gateway and second.sandbox.from_pool
+        route = manager.gateway.routes[second.id]
+        assert second.sandbox_spec.gateway_dir == os.path.dirname(route.socket_path)
+        assert "/run/jupyter-acp-llm/llm.sock" in second.sandbox_spec.argv
+        assert REAL_KEY not in repr(second.sandbox_spec)
+        result = await asyncio.wait_for(manager.send_message("alice", second.id, "hello from a spare"), 90)
+        assert "You said: hello from a spare" in result.text
+        billed = fake.billed()
+        totals = manager.ledger.session_totals(second.id)
+        assert billed["requests"] >= 1 and totals["total_tokens"] == billed["total"] > 0
+        run_id = DockerSandbox.for_parent(manager).run_id
+        socket_dir = manager.gateway.socket_dir
+        await manager.shutdown()
+        assert containers_of_run(run_id) == []
+        assert not [p for p in Path(socket_dir).iterdir() if p.name.startswith(".jupyter-acp-spare-")]
+
+
+@pytest.mark.docker
+async def test_limits_the_engine_cannot_enforce_refuse_the_session(acp_managers: Any) -> None:
+    """An engine without cgroups for memory (a rootless engine without delegation reports
+    ``MemoryLimit: false`` in its info; this engine has them, so its report is edited) does
+    not silently run an agent without its limit: the session is refused, with the reason and
+    the admin's options, unless the admin allows unlimited containers."""
+    from jupyter_acp.errors import AgentError
+
+    require_docker()
+    manager = acp_managers(sandbox="docker", mem_limit="256M")
+    engine = DockerSandbox.for_parent(manager).get_engine()
+    engine.info = {**engine.info, "MemoryLimit": False}
+    with pytest.raises(AgentError, match=r"cannot enforce mem_limit.*limits_required = True"):
+        await manager.create_user_session("alice", "demo")
+    assert manager.get_user_sessions("alice") == []
+    assert containers_of_run(DockerSandbox.for_parent(manager).run_id) == []
+
+    cfg = Config()
+    cfg.DockerSandbox.limits_required = False
+    lenient = acp_managers(sandbox="docker", mem_limit="256M", config=cfg)
+    engine = DockerSandbox.for_parent(lenient).get_engine()
+    engine.info = {**engine.info, "MemoryLimit": False}
+    session = await lenient.create_user_session("alice", "demo")
+    enforced = session.sandbox.limits_enforced()
+    assert enforced["mem_limit"] is False and enforced["pids_limit"] is True
+    assert (await lenient.send_message("alice", session.id, "unlimited")).text.endswith("unlimited")

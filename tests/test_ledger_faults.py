@@ -22,15 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import json
-import os
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import acp_require, wait_for
+from conftest import wait_for
 from fake_llm import FakeLLM
+from pg import postgres_fixture  # noqa: F401 (the fixture postgres)
 from test_gateway import http
 from traitlets.config import Config
 
@@ -443,75 +438,7 @@ async def test_over_rest_a_locked_database_is_neither_a_500_nor_a_409(jp_fetch, 
 
 
 # -- a real PostgreSQL server that goes down and comes back ---------------------------------------
-class Postgres:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 (run as the ``postgres`` account when we are
-    root: the server refuses to run as root)."""
-
-    def __init__(self, bindir: Path) -> None:
-        self.bindir = bindir
-        self.dir = Path(tempfile.mkdtemp(prefix="acp-pg-"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"postgresql+psycopg://acp@127.0.0.1:{self.port}/postgres"
-        if os.getuid() == 0:
-            shutil.chown(self.dir, "postgres")
-        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "acp", "--no-sync")
-
-    def _run(self, tool: str, *args: str) -> None:
-        argv = [str(self.bindir / tool), *args]
-        if os.getuid() == 0:
-            argv = ["runuser", "-u", "postgres", "--", *argv]
-        subprocess.run(argv, check=True, capture_output=True, timeout=60)
-
-    def start(self) -> None:
-        self._run("pg_ctl", "-D", str(self.dir / "data"), "-w", "-l", str(self.dir / "log"), "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-
-    def stop(self) -> None:
-        """Down at once, like a crash (``-m immediate``)."""
-        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
-
-    def remove(self) -> None:
-        with contextlib.suppress(subprocess.SubprocessError):
-            self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _postgres_bindir() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
-    if found:
-        return Path(found[-1]).parent
-    pg_ctl = shutil.which("pg_ctl")
-    return Path(pg_ctl).parent if pg_ctl else None
-
-
-@pytest.fixture
-def postgres() -> Iterator[Postgres]:
-    bindir = _postgres_bindir()
-    try:
-        import psycopg  # noqa: F401
-        driver = True
-    except ImportError:
-        driver = False
-    has_account = os.getuid() != 0 or _has_user("postgres")
-    acp_require("JUPYTER_ACP_REQUIRE_POSTGRES", bool(bindir and driver and has_account),
-                "a PostgreSQL server (Debian's postgresql) and the psycopg driver are needed")
-    assert bindir is not None
-    server = Postgres(bindir)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.remove()
-
-
-def _has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
+# (the cluster fixture ``postgres`` is shared with other tests: tests/pg.py)
 
 
 async def test_postgresql_down_mid_turn_and_back(acp_managers, tmp_path, postgres):

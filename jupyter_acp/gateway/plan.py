@@ -8,6 +8,7 @@ the relay once it has a port); the real key and endpoint stay in the server's me
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ class Launch:
     ro_paths: list[str] = field(default_factory=list)
     rw_paths: list[str] = field(default_factory=list)
     route: GatewayRoute | None = None
+    gateway_dir: str | None = None
+    """The host directory of the route's socket (``SandboxSpec.gateway_dir``)."""
 
 
 def uses_gateway(gateway: LlmGateway, spec: AgentSpec, creds: dict[str, str]) -> bool:
@@ -36,9 +39,11 @@ def uses_gateway(gateway: LlmGateway, spec: AgentSpec, creds: dict[str, str]) ->
 
 def plan_launch(gateway: LlmGateway, spec: AgentSpec, creds: dict[str, str], admin: dict[str, str], *,
                 session_id: str, user: str, on_usage: UsageCallback,
-                check_quota: QuotaCallback, on_refused: Callable[[str], None] | None = None
-                ) -> Launch:
-    """The launch of ``spec``; opens a gateway route when one is used (the caller closes it)."""
+                check_quota: QuotaCallback, on_refused: Callable[[str], None] | None = None,
+                gateway_target: str | None = None) -> Launch:
+    """The launch of ``spec``; opens a gateway route when one is used (the caller closes it).
+    ``gateway_target``: where the sandbox shows the route's socket directory (the backend's
+    ``gateway_target``; None: at its host path, and then it is one of the writable paths)."""
     argv = spec.argv(creds.get("model"))
     ro_paths = spec.runtime_ro_paths()
     if not uses_gateway(gateway, spec, creds):
@@ -52,7 +57,9 @@ def plan_launch(gateway: LlmGateway, spec: AgentSpec, creds: dict[str, str], adm
                                on_refused=on_refused)
     visible = {k: v for k, v in creds.items() if k not in ("api_key", "base_url")}
     env = {spec.credential_env["api_key"]: route.dummy_key}
-    argv = gateway.relay_argv(route, argv, {spec.credential_env["base_url"]: route.agent_base_url})
+    argv = gateway.relay_argv(route, argv, {spec.credential_env["base_url"]: route.agent_base_url},
+                              socket_dir=gateway_target)
     relay_ro, relay_rw = gateway.sandbox_paths(route)
     return Launch(argv=argv, credentials=visible, env=env, ro_paths=[*ro_paths, *relay_ro],
-                  rw_paths=relay_rw, route=route)
+                  rw_paths=relay_rw if gateway_target is None else [], route=route,
+                  gateway_dir=os.path.dirname(route.socket_path))

@@ -66,7 +66,14 @@ _DROP_REQUEST = {"host", "authorization", "x-goog-api-key", "x-api-key", "conten
                  "accept-encoding", "transfer-encoding", "keep-alive", "proxy-authorization", "te",
                  "upgrade", "cookie"}
 _KEEP_RESPONSE = {"content-type", "cache-control", "retry-after", "x-request-id", "request-id",
+                  "x-should-retry", "x-acp-quota",
                   "openai-processing-ms", "x-ratelimit-remaining-tokens", "x-ratelimit-remaining-requests"}
+
+#: The header of an upstream quota refusal (a 429 of the JupyterHub service's gateway, whose
+#: upstream is then this route's): the route calls ``on_refused`` as for its own refusal.
+QUOTA_HEADER = "x-acp-quota"
+#: Bytes of such a refusal's body read for its message (it is passed on whole).
+MAX_REFUSAL_BYTES = 64 * 1024
 
 #: Where agents send requests when the credentials name no endpoint.
 DEFAULT_UPSTREAMS = {"openai": "https://api.openai.com/v1",
@@ -221,7 +228,7 @@ class LlmGateway(LoggingConfigurable):
                              socket_path=path, dummy_key=f"jacp-{secrets.token_urlsafe(24)}",
                              on_usage=on_usage, check_quota=check_quota, on_refused=on_refused,
                              _real_key=api_key)
-        app = web.Application([(r"/(.*)", _ProxyHandler, {"route": route, "gateway": self})])
+        app = web.Application([(r"/(.*)", ProxyHandler, {"route": route, "gateway": self})])
         server = _BoundedHTTPServer(app, max_body_size=self.max_request_bytes)
         server.max_connections = self.max_connections_per_session
         server.label = session_id
@@ -247,9 +254,14 @@ class LlmGateway(LoggingConfigurable):
             self._client.close()
             self._client = None
 
-    def relay_argv(self, route: GatewayRoute, argv: list[str], env_templates: dict[str, str]) -> list[str]:
-        """The sandbox command: the relay, which sets ``env_templates`` and execs ``argv``."""
-        cmd = [self.relay_python, "-I", str(RELAY), "--socket", route.socket_path]
+    def relay_argv(self, route: GatewayRoute, argv: list[str], env_templates: dict[str, str], *,
+                   socket_dir: str | None = None) -> list[str]:
+        """The sandbox command: the relay, which sets ``env_templates`` and execs ``argv``.
+        ``socket_dir``: where the sandbox shows the route's socket directory (default: its
+        host path)."""
+        socket = route.socket_path if socket_dir is None else \
+            os.path.join(socket_dir, os.path.basename(route.socket_path))
+        cmd = [self.relay_python, "-I", str(RELAY), "--socket", socket]
         for name, value in env_templates.items():
             cmd += ["--env", f"{name}={value}"]
         return [*cmd, "--", *argv]
@@ -278,16 +290,26 @@ class _BoundedHTTPServer(HTTPServer):
         super().handle_stream(stream, address)
 
 
-class _ProxyHandler(web.RequestHandler):
-    """Checks, forwards and meters one agent request (see the module docstring)."""
+class ProxyHandler(web.RequestHandler):
+    """Checks, forwards and meters one agent request (see the module docstring).
+
+    One handler serves one route (``initialize(route=…)``: a session's own socket). A server
+    that serves many routes on one port (the JupyterHub service's gateway) subclasses it and
+    sets ``self.route`` in ``prepare`` from the presented key (``resolve_route``), and sets
+    ``path_prefix`` to the part of the path its routes' agents put before the LLM API's."""
 
     SUPPORTED_METHODS = ("GET", "POST")
+    route: GatewayRoute
+    #: None: the route's API's own prefix (``AGENT_PREFIX``), as an agent in a sandbox sends it.
+    path_prefix: str | None = None
 
-    def initialize(self, route: GatewayRoute, gateway: LlmGateway) -> None:
-        self.route = route
+    def initialize(self, gateway: LlmGateway, route: GatewayRoute | None = None) -> None:
+        if route is not None:
+            self.route = route
         self.gateway = gateway
         self._status_line: httputil.ResponseStartLine | None = None
         self._held: bytes | None = None
+        self._quota_body: bytearray | None = None  # an upstream quota refusal's (QUOTA_HEADER)
 
     def _fail(self, status: int, message: str, kind: str) -> None:
         self.set_status(status)
@@ -317,7 +339,7 @@ class _ProxyHandler(web.RequestHandler):
             log.warning("LLM gateway: refused a request with a wrong key (session %s)", route.session_id)
             self._fail(401, "Invalid API key for this session's LLM gateway", "invalid_api_key")
             return
-        prefix = AGENT_PREFIX[route.api]
+        prefix = AGENT_PREFIX[route.api] if self.path_prefix is None else self.path_prefix
         full = "/" + path
         if prefix and not (full == prefix or full.startswith(prefix + "/")):
             self._fail(404, f"Unknown path {full!r}: the LLM API is under {prefix}", "not_found")
@@ -355,6 +377,8 @@ class _ProxyHandler(web.RequestHandler):
 
         def on_chunk(chunk: bytes) -> None:
             meter.feed(chunk)
+            if self._quota_body is not None and len(self._quota_body) < MAX_REFUSAL_BYTES:
+                self._quota_body += chunk
             if self._held is not None:  # hold the latest chunk until the usage is recorded
                 self._write(self._held)
             self._held = chunk
@@ -383,6 +407,8 @@ class _ProxyHandler(web.RequestHandler):
                 log.exception("LLM gateway: could not record usage of session %s", route.session_id)
         log.debug("LLM gateway: %s %s -> %s (%s tokens) for session %s", self.request.method, full,
                   response.code, usage.total_tokens if usage else 0, route.session_id)
+        if self._quota_body is not None and response.code == 429:
+            self._refused_upstream(bytes(self._quota_body))  # (before the agent sees the 429)
         if self._status_line is None:
             self.set_status(response.code)
         self._flush_held()
@@ -416,9 +442,34 @@ class _ProxyHandler(web.RequestHandler):
                 self.set_status(self._status_line.code, self._status_line.reason or None)
             return
         name, _, value = line.partition(":")
+        if name.strip().lower() == QUOTA_HEADER and self._status_line is not None \
+                and self._status_line.code == 429:
+            self._quota_body = bytearray()
         if name.strip().lower() in _KEEP_RESPONSE and self._status_line is not None \
                 and self._status_line.code != 100:
             self.set_header(name.strip(), value.strip())
+
+    def _refused_upstream(self, body: bytes) -> None:
+        """The upstream (the hub service's gateway) refused the request for the user's quota:
+        the body goes to the agent unchanged, and the route's ``on_refused`` gets its message
+        (the session ends the turn, as for a refusal of the route's own quota check)."""
+        route = self.route
+        log.info("LLM gateway: the upstream refused a request of %s for the quota (session %s)",
+                 route.user, route.session_id)
+        if route.on_refused is None:
+            return
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        error = data.get("error") if isinstance(data, dict) else None
+        message = error.get("message") if isinstance(error, dict) else None
+        if not isinstance(message, str) or not message:
+            message = "Daily token quota used up (refused by the jupyter-acp hub service)"
+        try:
+            route.on_refused(message[:2000])
+        except Exception:
+            log.exception("LLM gateway: could not end the refused turn of session %s", route.session_id)
 
     def _write(self, chunk: bytes) -> None:
         if self._finished or self.request.connection is None:

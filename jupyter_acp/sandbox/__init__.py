@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import cast
-
-from .base import ProcessSandbox, ResourceLimits, Sandbox, SandboxSpec
+from .base import ProcessSandbox, ResourceLimits, Sandbox, SandboxBackend, SandboxSpec
 from .local import LocalProcessSandbox
 
-__all__ = ["LocalProcessSandbox", "ProcessSandbox", "ResourceLimits", "Sandbox", "SandboxSpec", "backend"]
+__all__ = ["LocalProcessSandbox", "ProcessSandbox", "ResourceLimits", "Sandbox", "SandboxBackend",
+           "SandboxSpec", "backend"]
 
 
-def backend(kind: str) -> type[Sandbox]:
+def backend(kind: str) -> SandboxBackend:
     """The sandbox class for a backend name (``local``, ``bubblewrap``, ``docker``)."""
     if kind == "local":
         return LocalProcessSandbox
@@ -21,7 +20,6 @@ def backend(kind: str) -> type[Sandbox]:
     if kind == "docker":
         from .docker import DockerSandbox
 
-        # the admin's configurable, not a Sandbox: it offers the class-level part of the contract
-        # (kind, isolated, create, available, on_manager_*); create() returns a real Sandbox
-        return cast("type[Sandbox]", DockerSandbox)
+        # the admin's configurable, not a Sandbox: its create() returns the per-session one
+        return DockerSandbox
     raise ValueError(f"Unknown sandbox backend {kind!r}; choose docker, bubblewrap or local")

@@ -107,6 +107,9 @@ class SandboxSpec:
     """Host directory that is the agent's private, writable ``$HOME``. Isolating backends mount
     it at ``AGENT_HOME`` and set ``HOME`` to that, so the agent never sees where the server keeps
     it (often under the server account's own home); ``local`` uses it where it is."""
+    gateway_dir: str | None = None
+    """Host directory holding the LLM gateway's socket (also in ``rw_paths``, unless the
+    backend shows it at a fixed path of its own: ``Sandbox.gateway_target``)."""
 
     def sandboxed_env(self, env: dict[str, str] | None = None) -> dict[str, str]:
         """``env`` (default: the spec's) as a process inside an isolating sandbox gets it: a
@@ -160,6 +163,38 @@ class CommandProcess(Protocol):
     def kill(self) -> None: ...
 
 
+class SandboxBackend(Protocol):
+    """What the session manager needs of a backend: the class-level half of the contract.
+
+    Every ``Sandbox`` subclass is one (its classmethods below). A backend with admin settings of
+    its own — ``DockerSandbox``, a traitlets configurable holding the engine client and the
+    warm pool — is one too without being a ``Sandbox``: its ``create`` returns the per-session
+    ``Sandbox``. So the admin's configuration and the per-session object stay two things."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def isolated(self) -> bool: ...
+
+    @property
+    def provides_terminals(self) -> bool: ...
+
+    @property
+    def gateway_target(self) -> str | None:
+        """Where sandboxes of this backend show the gateway's socket directory (None: at its
+        host path). A fixed path lets a warm-pool container, made before its session's gateway
+        route, serve that session (``sandbox/docker/pool.py``)."""
+
+    def create(self, spec: SandboxSpec, *, parent: Any = None) -> Sandbox: ...
+
+    def available(self, *, parent: Any = None) -> tuple[bool, str]: ...
+
+    async def on_manager_start(self, *, parent: Any = None) -> None: ...
+
+    async def on_manager_stop(self, *, parent: Any = None) -> None: ...
+
+
 class Sandbox(ABC):
     """One agent process in isolation. Subclasses set ``kind`` and implement the lifecycle."""
 
@@ -170,6 +205,8 @@ class Sandbox(ABC):
     provides_terminals: ClassVar[bool] = True
     #: A message transport (WebSocket) instead of stdio streams, for remote agents.
     transport: Any = None
+    #: Where the sandbox shows ``spec.gateway_dir`` (None: at its host path).
+    gateway_target: ClassVar[str | None] = None
 
     def __init__(self, spec: SandboxSpec) -> None:
         self.spec = spec

@@ -4,7 +4,10 @@
 * ``ledger`` — ``UsageLedger`` persists the records (SQLAlchemy: SQLite by default, PostgreSQL
   for a shared deployment) from its own threads, and enforces the daily quota;
 * ``spool`` — where records wait, durably, while the database cannot be written;
-* ``schema`` — the ``acp_usage`` table.
+* ``admission`` — leases: the daily quota enforced atomically in the database (``admit``,
+  ``settle``), however many servers share it;
+* ``schema`` — the ``acp_usage`` and ``acp_leases`` tables; ``migrate`` (Alembic, the
+  ``migrations`` directory) creates and upgrades them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from .normalize import (
     _int,
     utc_day,
 )
-from .schema import metadata, usage_table
+from .schema import leases_table, metadata, usage_table
 from .spool import UsageSpool
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "UsageSpool",
     "_cost",
     "_int",
+    "leases_table",
     "metadata",
     "usage_table",
     "utc_day",

@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 
 from jupyter_core.paths import jupyter_data_dir
 from sqlalchemy import create_engine, event, select
-from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from traitlets import Float, Unicode, default
@@ -35,6 +34,7 @@ from traitlets import Integer as IntTrait
 from traitlets.config import LoggingConfigurable
 
 from ..errors import AcpError, QuotaExceeded
+from .admission import Leases, used_up
 from .normalize import TurnUsage, _cost, _int, utc_day
 from .schema import (
     COUNTS,
@@ -43,10 +43,8 @@ from .schema import (
     SUMS,
     TOKENS_TODAY,
     TURNS,
-    UID_INDEX,
     UIDS_PRESENT,
     WRITE_OPTION,
-    metadata,
     private_file,
     sqlite_path,
     usage_table,
@@ -146,6 +144,9 @@ class UsageLedger(LoggingConfigurable):
     server's event loop, i.e. every other session's stream. The sync methods do the same work
     in the calling thread (for tests and scripts). Writes are serialised in one lock; a record
     the database does not take goes to the spool (``spool.py``) and is replayed later.
+
+    The schema is Alembic's (``migrate.py``), upgraded at connect. ``admit``/``settle`` enforce
+    a daily limit atomically across every server sharing the database (``admission.py``).
     """
 
     db_url = Unicode(
@@ -191,9 +192,23 @@ class UsageLedger(LoggingConfigurable):
         also replayed right after every successful write).""",
     ).tag(config=True)
 
+    lease_lifetime = Float(
+        1200.0,
+        help="""Seconds an admission lease (``admit``) holds its tokens of the quota when its
+        request is never settled (its server died): then it expires and no longer counts.
+        Longer than any one LLM request takes.""",
+    ).tag(config=True)
+
+    lease_poll_interval = Float(
+        0.05,
+        help="""Seconds (on average) between the attempts of an ``admit`` that waits for the
+        user's requests in flight to settle.""",
+    ).tag(config=True)
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._engine: Engine | None = None
+        self._leases = Leases(self)
         self._spool: UsageSpool | None = None
         self._lock = threading.RLock()  # the engine and the retry thread
         self._write_lock = threading.Lock()  # one write (and spool replay) at a time
@@ -252,22 +267,13 @@ class UsageLedger(LoggingConfigurable):
             args = {"connect_timeout": max(math.ceil(timeout), 1)} if backend == "postgresql" else {}
             engine = create_engine(url, pool_pre_ping=True, connect_args=args)
         try:
-            metadata.create_all(engine)
-            self._migrate(engine)
+            from .migrate import upgrade  # (Alembic is imported by the first connect only)
+
+            upgrade(engine)  # the schema: Alembic's migrations, a pre-Alembic ledger adopted
         except BaseException:
             engine.dispose()
             raise
         return engine
-
-    @staticmethod
-    def _migrate(engine: Engine) -> None:
-        """A ledger made before the spool has no ``record_uid`` column: add it (nullable: old
-        records have none) and its unique index."""
-        columns = {c["name"] for c in sa_inspect(engine).get_columns(usage_table.name)}
-        if "record_uid" not in columns:
-            with engine.begin() as conn:
-                conn.exec_driver_sql(f"ALTER TABLE {usage_table.name} ADD COLUMN record_uid VARCHAR(32)")
-        UID_INDEX.create(engine, checkfirst=True)
 
     def close(self) -> None:
         """Wait for the writes under way, stop retrying the spool, release the database (the
@@ -330,21 +336,29 @@ class UsageLedger(LoggingConfigurable):
         self._account(owner, usage, outcome)
         return outcome
 
-    def _store(self, row: dict[str, Any]) -> RecordOutcome:
+    def _store(self, row: dict[str, Any], lease: str | None = None) -> RecordOutcome:
+        """Insert ``row`` (and delete its admission ``lease`` in the same transaction), or else
+        put it in the spool."""
         uid = row["record_uid"]
         with self._write_lock:
             try:
                 with self._writing() as conn:
+                    if lease is not None:
+                        Leases.release(conn, lease, row["user"])
                     key = conn.execute(INSERT, row).inserted_primary_key
                     # a single-row insert() always has one (None is for executemany or
                     # returning(), neither used here); were it missing, the row is spooled
                     assert key is not None
                     record_id = int(key[0])
             except Exception as e:
+                if lease is not None:
+                    self._leases.unsettled(lease, e)
                 return self._to_spool(row, e)
             self._count_known(row)
             if self.spool.has_records():  # the database is back: what waited goes in now
                 self._replay()
+            elif self._leases.has_stale:
+                self._leases.drop_stale()
         return RecordOutcome(uid, record_id)
 
     @contextlib.contextmanager
@@ -384,6 +398,7 @@ class UsageLedger(LoggingConfigurable):
             log.warning("Usage ledger: the spool %s could not be replayed yet (%s); next try in %g s",
                         self.spool.path, _describe(e), self.spool_retry_interval)
             return False
+        self._leases.drop_stale()
         return True
 
     def _insert_missing_rows(self, rows: list[dict[str, Any]]) -> int:
@@ -563,12 +578,16 @@ class UsageLedger(LoggingConfigurable):
         try:
             used = self.tokens_today(user)
         except LedgerUnavailable:
-            raise QuotaUnavailable("The usage database cannot be read, so your daily token quota "
-                                   "cannot be checked; try again in a minute") from None
+            raise self._quota_unavailable() from None
         if used >= cap:
-            raise QuotaExceeded(
-                f"Daily token quota used up: {used} of {cap} tokens today (UTC); it renews at midnight UTC"
-            )
+            raise used_up(used, cap)
+
+    @staticmethod
+    def _quota_unavailable(error: BaseException | None = None) -> QuotaUnavailable:
+        if error is not None:
+            log.warning("Usage ledger: the quota could not be checked (%s)", _describe(error))
+        return QuotaUnavailable("The usage database cannot be read, so your daily token quota "
+                                "cannot be checked; try again in a minute")
 
     def _grouped(self, keys: list[Any], *where: Any) -> list[dict[str, Any]]:
         """Sums per group, of the database's records (the spool's are in ``*_totals``)."""
@@ -611,3 +630,66 @@ class UsageLedger(LoggingConfigurable):
 
     async def aturns(self, session_id: str) -> list[dict[str, Any]]:
         return await self._run(self.turns, session_id)
+
+    # -- admission: leases (admission.py) ------------------------------------------------------
+    def admit(self, user: str, limit: int | None, *, reserve: int, timeout: float,
+              lifetime: float | None = None) -> str:
+        """Admit one LLM request of ``user`` against a daily ``limit`` of tokens, atomically
+        across every server sharing the database; returns a lease id for ``settle``.
+
+        ``reserve``: the tokens the request may use (the lease holds them until settled);
+        ``timeout``: seconds to wait, near the quota, for the user's requests in flight;
+        ``lifetime``: seconds before an unsettled lease expires (``lease_lifetime``).
+        ``limit=None`` admits without the database; ``0`` admits nothing. Raises
+        ``QuotaExceeded`` (used up, or still busy at ``timeout``), ``QuotaUnavailable`` when
+        the database cannot be used. In the calling thread; see ``aadmit``."""
+        life = self.lease_lifetime if lifetime is None else lifetime
+        return self._leases.admit(user, limit, reserve, timeout, life)
+
+    async def aadmit(self, user: str, limit: int | None, *, reserve: int, timeout: float,
+                     lifetime: float | None = None) -> str:
+        """``admit`` without blocking the event loop (the database in the ledger's threads)."""
+        life = self.lease_lifetime if lifetime is None else lifetime
+        return await self._leases.aadmit(user, limit, reserve, timeout, life)
+
+    def _settle_row(self, usage: TurnUsage, user: str, session_id: str, agent: str, turn: int,
+                    started_at: float | None, ended_at: float | None) -> dict[str, Any]:
+        if not (user and session_id and agent):
+            raise TypeError("settle: a record needs user, session_id and agent")
+        ended = time.time() if ended_at is None else ended_at
+        return self._row(user=user, session_id=session_id, agent=agent, turn=turn, usage=usage,
+                         started_at=ended if started_at is None else started_at, ended_at=ended)
+
+    def settle(self, lease_id: str, usage: TurnUsage | None = None, *, user: str = "",
+               session_id: str = "", agent: str = "", turn: int = 0,
+               started_at: float | None = None, ended_at: float | None = None,
+               owner: Any = None) -> RecordOutcome | None:
+        """End an admitted request: store its usage record (as ``record`` does: the same row,
+        spooled when the database fails, never doubled) and delete its lease in ONE
+        transaction. ``usage=None``: the request used nothing, the lease is just dropped
+        (returns None). ``user``, ``session_id``, ``agent`` are required with ``usage``;
+        ``started_at`` defaults to the end. Never raises for a failing database (a lease it
+        could not delete is retried, and expires anyway)."""
+        if usage is None:
+            self._leases.drop(lease_id)
+            return None
+        row = self._settle_row(usage, user, session_id, agent, turn, started_at, ended_at)
+        outcome = self._store(row, lease_id)
+        self._account(owner, usage, outcome)
+        return outcome
+
+    async def asettle(self, lease_id: str, usage: TurnUsage | None = None, *, user: str = "",
+                      session_id: str = "", agent: str = "", turn: int = 0,
+                      started_at: float | None = None, ended_at: float | None = None,
+                      owner: Any = None) -> RecordOutcome | None:
+        """``settle`` in the ledger's threads; carried through even if the caller is cancelled
+        (a usage record, once begun, is written)."""
+        loop = asyncio.get_running_loop()
+        if usage is None:
+            await _despite_cancel(loop.run_in_executor(self._executor(), self._leases.drop, lease_id))
+            return None
+        row = self._settle_row(usage, user, session_id, agent, turn, started_at, ended_at)
+        outcome = await _despite_cancel(loop.run_in_executor(self._executor(), self._store, row,
+                                                             lease_id))
+        self._account(owner, usage, outcome)
+        return outcome

@@ -1,4 +1,9 @@
-"""The ledger's table and its prepared statements (SQLAlchemy Core: SQLite or any server)."""
+"""The ledger's tables and their prepared statements (SQLAlchemy Core: SQLite or any server).
+
+The tables are created and changed by the Alembic migrations in ``migrations/`` (``migrate.py``),
+not from here: these definitions are what the code reads and writes, and a test checks that the
+migrated database matches them exactly.
+"""
 
 from __future__ import annotations
 
@@ -71,6 +76,21 @@ usage_table = Table(
     Index("ix_acp_usage_session", "session_id"),
 )
 UID_INDEX = Index("ix_acp_usage_record_uid", usage_table.c.record_uid, unique=True)
+#: Admission leases (``admission.py``): one row per LLM request admitted and not yet settled,
+#: holding ``reserved`` tokens of its user's quota until it is settled or ``expires`` (unix time).
+leases_table = Table(
+    "acp_leases",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("user", String(255), nullable=False),
+    Column("reserved", BigInteger, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("expires", Float, nullable=False),
+    Index("ix_acp_leases_user", "user", "expires"),
+)
+#: Alembic's version table, named for us: the ledger may live in a database that has other
+#: Alembic-managed tables (JupyterHub's own ``alembic_version``, say).
+VERSION_TABLE = "acp_alembic_version"
 #: The columns of a record as the ledger writes it (and as the spool keeps it).
 ROW_KEYS = tuple(c.name for c in usage_table.columns if c.name != "id")
 

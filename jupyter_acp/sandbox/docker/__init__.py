@@ -60,7 +60,7 @@ from .spec import (
     pool_key,
     resolve_user,
     spare_template,
-    with_spare_home,
+    with_spare_dirs,
 )
 from .stdio import BoundedReader, Bridge, demultiplex
 
@@ -69,5 +69,5 @@ __all__ = [
     "LABEL_SESSION", "LABEL_USER", "WARM_SESSION", "BoundedReader", "Bridge", "ContainerSandbox",
     "DockerCommand", "DockerSandbox", "DockerSettings", "Engine", "EngineError", "WarmPool",
     "build_create_kwargs", "container_labels", "container_name", "demultiplex", "exit_status",
-    "pool_key", "resolve_user", "spare_template", "with_spare_home",
+    "pool_key", "resolve_user", "spare_template", "with_spare_dirs",
 ]

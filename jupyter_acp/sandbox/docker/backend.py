@@ -31,10 +31,11 @@ from .sandbox import ContainerSandbox
 from .spec import (
     DEFAULT_IMAGE,
     ETC_ENTRIES,
-    LABEL_POOL_HOME,
+    GATEWAY_TARGET,
     LABEL_RUN,
     LABEL_SERVER,
     SIZE_RE,
+    SWAPPED,
     WARM_SESSION,
     DockerSettings,
     build_create_kwargs,
@@ -52,6 +53,7 @@ class DockerSandbox(LoggingConfigurable):
     kind: ClassVar[str] = "docker"
     isolated: ClassVar[bool] = True
     provides_terminals: ClassVar[bool] = True
+    gateway_target: ClassVar[str | None] = GATEWAY_TARGET
 
     _instances: ClassVar[weakref.WeakKeyDictionary[Any, DockerSandbox]] = weakref.WeakKeyDictionary()
     _default: ClassVar[dict[str, DockerSandbox]] = {}
@@ -154,6 +156,15 @@ class DockerSandbox(LoggingConfigurable):
         help="""Docker log driver of agent containers. ``none`` by default: stdout carries the
         whole ACP conversation (file contents, prompts), which must not pile up on the engine's
         disk; stderr reaches the server log through the attach stream anyway.""",
+    ).tag(config=True)
+
+    limits_required = Bool(
+        True,
+        help="""Refuse to start an agent whose memory, CPU or process limit the engine cannot
+        enforce (e.g. a rootless engine without cgroup delegation reports ``MemoryLimit:
+        false``), instead of running it without that limit. False: run it, with a warning in
+        the log and the limit shown as not enforced in the session. The same policy as
+        ``c.BubblewrapSandbox.limits_required``.""",
     ).tag(config=True)
 
     chown_rw_paths = Bool(
@@ -304,8 +315,9 @@ class DockerSandbox(LoggingConfigurable):
             backend.log.info("Removing %d agent container(s) left by an earlier run of this server",
                              len(orphans))
             await asyncio.gather(*(run_blocking(engine.remove_quietly, c["Id"]) for c in orphans))
-            for c in orphans:  # a crashed run's spares leave their (empty) home directories
-                await asyncio.to_thread(remove_spare_home, (c.get("Labels") or {}).get(LABEL_POOL_HOME))
+            for c in orphans:  # a crashed run's spares leave their (empty) own directories
+                for label in SWAPPED.values():
+                    await asyncio.to_thread(remove_spare_home, (c.get("Labels") or {}).get(label))
 
     @classmethod
     async def on_manager_stop(cls, *, parent: Any = None) -> None:
@@ -331,7 +343,7 @@ class DockerSandbox(LoggingConfigurable):
         if backend.pool.size <= 0:
             return
         kwargs = backend.create_kwargs_for(spec, engine=await backend.engine_async(), session=WARM_SESSION)
-        template = spare_template(kwargs, idle_command=backend.warm_pool_idle_command, home=spec.home)
+        template = spare_template(kwargs, idle_command=backend.warm_pool_idle_command)
         backend.pool.replenish(pool_key(template), template)
 
     @classmethod

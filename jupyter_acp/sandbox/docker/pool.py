@@ -8,10 +8,11 @@ home directory in for the session's on the host and execs the agent in it with t
 environment. So one spare serves any new session of the same user and agent kind, and a spare
 never carries another session's data: spares are used once and removed with their session.
 
-Docker cannot change mounts after create, so the home is the one per-session mount: it is
-bound from a fresh directory beside the session homes (same file system, so the swap is a
-rename), and the session's files are moved into it at claim. Keys unused for ``idle_timeout``
-seconds lose their spares; orphans of a crash are found by their labels.
+Docker cannot change mounts after create, so the per-session mounts (``spec.SWAPPED``: the home,
+and the LLM gateway's socket directory, shown at a fixed path) are bound from fresh directories
+beside the sessions' ones (same file system, so the swap is a rename), and the session's files
+(its settings; the gateway's listening socket) are moved into them at claim. Keys unused for
+``idle_timeout`` seconds lose their spares; orphans of a crash are found by their labels.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Engine, run_blocking
-from .spec import LABEL_POOL, SPARE_HOME_PREFIX, spare_home_parent, with_spare_home
+from .spec import AGENT_HOME, LABEL_POOL, SPARE_HOME_PREFIX, spare_dir_parents, with_spare_dirs
 
 #: The longest a refill waits for the session that emptied the pool to start its agent.
 AFTER_CAP = 3.0
@@ -39,12 +40,16 @@ class Spare:
     id: str
     name: str
     created: float
-    home: str | None = None
-    """The spare's own home directory on the host (None: the sessions it serves have none)."""
+    dirs: dict[str, str] = field(default_factory=dict)
+    """The spare's own directories on the host, by mount target (``spec.SWAPPED``)."""
+
+    @property
+    def home(self) -> str | None:
+        return self.dirs.get(AGENT_HOME)
 
 
 def remove_spare_home(path: str | None) -> None:
-    """Remove a spare's home directory (only ever one we made: checked by its name)."""
+    """Remove a spare's own directory (only ever one we made: checked by its name)."""
     if path and os.path.basename(path).startswith(SPARE_HOME_PREFIX):
         shutil.rmtree(path, ignore_errors=True)
 
@@ -104,16 +109,15 @@ class WarmPool:
 
     async def _make_spare(self, key: str, template: dict[str, Any],
                           after: asyncio.Event | None = None) -> None:
-        home: str | None = None
+        dirs: dict[str, str] = {}
         try:
             if after is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(after.wait(), AFTER_CAP)
-            parent = spare_home_parent(template)
-            if parent is not None:
-                home = os.path.join(parent, SPARE_HOME_PREFIX + secrets.token_hex(8))
-                os.mkdir(home, 0o700)
-            spare_kwargs = with_spare_home(template, home)
+            for target, parent in spare_dir_parents(template).items():
+                dirs[target] = os.path.join(parent, SPARE_HOME_PREFIX + secrets.token_hex(8))
+                os.mkdir(dirs[target], 0o700)
+            spare_kwargs = with_spare_dirs(template, dirs)
             spare_kwargs["name"] = f"{self.name_prefix}warm-{secrets.token_hex(4)}"
             spare_kwargs["labels"] = {**spare_kwargs["labels"], LABEL_POOL: key}
             engine = self.engine = await self._engine()
@@ -123,9 +127,10 @@ class WarmPool:
             except Exception:
                 await run_blocking(engine.remove_quietly, cid)
                 raise
-            self.spares.setdefault(key, []).append(Spare(cid, spare_kwargs["name"], time.time(), home))
+            self.spares.setdefault(key, []).append(Spare(cid, spare_kwargs["name"], time.time(), dirs))
         except BaseException as e:  # (cancelled at shutdown too: its container goes with the run)
-            remove_spare_home(home)
+            for path in dirs.values():
+                remove_spare_home(path)
             if not isinstance(e, Exception):
                 raise
             self.log.warning("Could not pre-start a warm-pool container: %s", e)
@@ -136,7 +141,8 @@ class WarmPool:
         """Remove a spare that will not serve (dead, or its claim failed)."""
         if self.engine is not None:
             await run_blocking(self.engine.remove_quietly, spare.id)
-        remove_spare_home(spare.home)
+        for path in spare.dirs.values():
+            remove_spare_home(path)
 
     async def drain(self, key: str | None = None) -> None:
         """Remove the spares of one configuration (or all)."""
@@ -161,5 +167,6 @@ class WarmPool:
                 await task
         for spares in self.spares.values():
             for spare in spares:
-                remove_spare_home(spare.home)
+                for path in spare.dirs.values():
+                    remove_spare_home(path)
         self.spares.clear()

@@ -7,9 +7,10 @@ frozen ``DockerSettings``. Two ways to start:
 * cold: the container's command is the agent; it is attached before it starts (not a byte is
   lost) and the container's exit is the agent's.
 * from the warm pool (``pool.py``): a running spare that holds nothing of any session; the
-  spare's home directory takes the place of the session's on the host (``adopt_home``), and the
-  agent is exec'd in it with the session's environment. The exec's stream is the agent's stdio
-  and the exec's exit is the agent's; the container goes when the session does.
+  spare's home and gateway socket directories take the place of the session's on the host
+  (``adopt_dir``), and the agent is exec'd in it with the session's environment. The exec's
+  stream is the agent's stdio and the exec's exit is the agent's; the container goes when the
+  session does.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...errors import SandboxError
-from ..base import STDIO_LINE_LIMIT, CommandProcess, Sandbox, SandboxSpec
+from ..base import AGENT_HOME, STDIO_LINE_LIMIT, CommandProcess, Sandbox, SandboxSpec
 from .engine import Engine, explain, not_found, run_blocking
 from .exec import exec_command, signal_exec, start_exec
 from .pool import Spare
-from .spec import exit_status, pool_key, spare_template
+from .spec import GATEWAY_TARGET, exit_status, pool_key, spare_template
 from .stdio import BoundedReader, Bridge, demultiplex
 
 if TYPE_CHECKING:
@@ -88,9 +89,16 @@ class ContainerSandbox(Sandbox):
             "cpu_limit": bool(limits.cpu_limit) and info.get("CpuCfsQuota", True) is not False,
             "pids_limit": bool(limits.pids_limit) and info.get("PidsLimit", True) is not False,
         }
-        for name, value in self._enforced.items():
-            if getattr(limits, name) and not value:
-                self.backend.log.warning("The Docker engine cannot enforce %s here; it is not enforced", name)
+        missing = [name for name, value in self._enforced.items() if getattr(limits, name) and not value]
+        if missing and self.backend.limits_required:
+            raise SandboxError(
+                f"The Docker engine cannot enforce {', '.join(missing)} here (its cgroups are not "
+                "available to it, e.g. a rootless engine without cgroup delegation), and the admin's "
+                "policy (c.DockerSandbox.limits_required = True) refuses to run an agent without its "
+                "limits. An admin can give the engine cgroup delegation, or set "
+                "c.DockerSandbox.limits_required = False. See docs/jupyterhub.md.")
+        for name in missing:
+            self.backend.log.warning("The Docker engine cannot enforce %s here; it is not enforced", name)
         if limits.disk_limit:
             self.backend.log.warning(
                 "disk_limit (%d bytes) is not enforced for session %s: the agent writes to its bind-mounted "
@@ -106,8 +114,8 @@ class ContainerSandbox(Sandbox):
             uid, gid = int(uid_s), int(gid_s or uid_s)
         except ValueError:
             return  # a user name: we cannot know its uid here
-        homes = [self.spec.home] if self.spec.home else []
-        for top in [*self.spec.rw_paths, *homes]:  # and what the server wrote there (settings, sockets)
+        own = [d for d in (self.spec.home, self.spec.gateway_dir) if d]
+        for top in [*self.spec.rw_paths, *own]:  # and what the server wrote there (settings, sockets)
             for path in [top, *(os.path.join(d, n) for d, dirs, files in os.walk(top) for n in dirs + files)]:
                 with contextlib.suppress(OSError):
                     st = os.lstat(path)
@@ -121,7 +129,7 @@ class ContainerSandbox(Sandbox):
         kwargs = self.create_kwargs = self.container_args()
         self._note_enforced(engine)
         pool = backend.pool
-        template = spare_template(kwargs, idle_command=backend.warm_pool_idle_command, home=self.spec.home)
+        template = spare_template(kwargs, idle_command=backend.warm_pool_idle_command)
         key = pool_key(template) if pool.size > 0 else None
         spare = pool.take(key) if key else None
         try:
@@ -160,14 +168,16 @@ class ContainerSandbox(Sandbox):
         if not state.get("Running"):
             await self.backend.pool.discard(spare)
             return  # a dead spare: start cold instead
-        if spare.home is not None and self.spec.home is not None:
-            try:
-                await asyncio.to_thread(adopt_home, spare.home, self.spec.home)
-            except OSError as e:
-                self.backend.log.warning("Could not give a warm-pool home to session %s (%s); starting cold",
-                                         self.spec.labels.get("session", "?"), e)
-                await self.backend.pool.discard(spare)
-                return
+        ours = {AGENT_HOME: self.spec.home, GATEWAY_TARGET: self.spec.gateway_dir}
+        try:
+            for target, spare_dir in spare.dirs.items():
+                if (session_dir := ours.get(target)) is not None:
+                    await asyncio.to_thread(adopt_dir, spare_dir, session_dir)
+        except OSError as e:
+            self.backend.log.warning("Could not give warm-pool directories to session %s (%s); starting "
+                                     "cold", self.spec.labels.get("session", "?"), e)
+            await self.backend.pool.discard(spare)
+            return
         await asyncio.to_thread(self._chown_rw_paths, kwargs["user"])
         self.container_id, self.container_name, self.from_pool = spare.id, spare.name, True
         self._exec_id, self._pidfile, reader, writer, bridge = await start_exec(
@@ -369,19 +379,21 @@ class ContainerSandbox(Sandbox):
                                   cwd=cwd or self.workspace_path, user=user)
 
 
-def adopt_home(spare_home: str, session_home: str) -> None:
-    """Make the spare's home directory (bind-mounted in its container) the session's home.
+def adopt_dir(spare_dir: str, session_dir: str) -> None:
+    """Make the spare's directory (bind-mounted in its container) the session's one: its home,
+    or its gateway socket directory.
 
     The mount follows the directory, not its path: the session's files are moved into the
     spare's directory, which is then renamed to the session's path (all within one parent, so
-    every step is a rename). The session's old, now empty, directory is removed."""
-    aside = f"{session_home}.{secrets.token_hex(4)}.old"
-    os.rename(session_home, aside)
+    every step is a rename). The session's old, now empty, directory is removed. A listening
+    unix socket moves like any file (the server's listener holds the inode, not the path)."""
+    aside = f"{session_dir}.{secrets.token_hex(4)}.old"
+    os.rename(session_dir, aside)
     try:
-        os.rename(spare_home, session_home)
+        os.rename(spare_dir, session_dir)
     except OSError:
-        os.rename(aside, session_home)
+        os.rename(aside, session_dir)
         raise
     for name in os.listdir(aside):
-        os.rename(os.path.join(aside, name), os.path.join(session_home, name))
+        os.rename(os.path.join(aside, name), os.path.join(session_dir, name))
     os.rmdir(aside)

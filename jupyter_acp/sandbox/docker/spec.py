@@ -31,9 +31,18 @@ LABEL_POOL = "jupyter-acp.pool"
 LABEL_AGENT = "jupyter-acp.agent"
 #: The host directory that is a spare's home (removed with the spare, or as an orphan).
 LABEL_POOL_HOME = "jupyter-acp.pool-home"
-#: The name prefix of a spare's home directory (beside the session homes).
+#: The host directory that is a spare's gateway socket directory (likewise).
+LABEL_POOL_GATEWAY = "jupyter-acp.pool-gateway"
+#: The name prefix of a spare's own directories (beside the session homes, or the gateway's
+#: socket directories).
 SPARE_HOME_PREFIX = ".jupyter-acp-spare-"
 SPARE_HOME_PENDING = SPARE_HOME_PREFIX + "pending"
+#: Where a container shows its session's LLM gateway socket directory (``SandboxSpec.gateway_dir``):
+#: a fixed path, so that the agent's relay command, written before a spare is claimed, names it.
+GATEWAY_TARGET = "/run/jupyter-acp-llm"
+#: The mounts that belong to one session. A spare has an empty directory of its own for each,
+#: beside the session's (same parent, same file system), swapped in at claim (``adopt_dir``).
+SWAPPED = {AGENT_HOME: LABEL_POOL_HOME, GATEWAY_TARGET: LABEL_POOL_GATEWAY}
 #: The ``jupyter-acp.session`` label of a warm-pool spare until a session takes it.
 WARM_SESSION = "warm-pool"
 #: /etc entries programs need (users, name service config, TLS roots, time zone, linker cache).
@@ -128,6 +137,8 @@ def build_create_kwargs(spec: SandboxSpec, settings: DockerSettings, *, name: st
             bind(path, path, read_only=False)
     if spec.home is not None:
         bind(spec.home, AGENT_HOME, read_only=False)
+    if spec.gateway_dir is not None:
+        bind(spec.gateway_dir, GATEWAY_TARGET, read_only=False)
     for path in spec.ro_paths:
         path = os.path.normpath(path)
         if _covered(path, ro_roots) or not exists(path):
@@ -176,23 +187,23 @@ def pool_key(kwargs: Mapping[str, Any]) -> str:
 
     ``kwargs`` are a *spare's* arguments (``spare_template``), which hold nothing of a session:
     the key is the image, limits, mounts (the user's workspace, the agent's read-only paths),
-    user and labels other than the session's, never a name, an environment or a home."""
+    user and labels other than the session's, never a name, an environment, a home or a gateway
+    socket directory (only where they are: their parents)."""
     rest = {k: v for k, v in kwargs.items() if k not in ("name", "environment")}
     rest["labels"] = {k: v for k, v in kwargs.get("labels", {}).items()
-                      if k not in (LABEL_SESSION, LABEL_POOL, LABEL_AGENT, LABEL_POOL_HOME)}
-    rest["mounts"] = [dict(m, Source=os.path.dirname(m["Source"])) if m.get("Target") == AGENT_HOME else m
+                      if k not in (LABEL_SESSION, LABEL_POOL, LABEL_AGENT, *SWAPPED.values())}
+    rest["mounts"] = [dict(m, Source=os.path.dirname(m["Source"])) if m.get("Target") in SWAPPED else m
                       for m in kwargs.get("mounts", [])]
     blob = json.dumps(rest, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
-def spare_template(kwargs: Mapping[str, Any], *, idle_command: Sequence[str],
-                   home: str | None) -> dict[str, Any]:
+def spare_template(kwargs: Mapping[str, Any], *, idle_command: Sequence[str]) -> dict[str, Any]:
     """A spare's create arguments, from those of a session it could serve: the same container
     minus everything of the session. It runs ``idle_command`` (the agent is exec'd into it at
     claim, with the session's environment), has no environment and no session or agent label,
-    and its home is an empty directory beside the session's (``home`` is the session's home
-    source; the pool puts a fresh directory in the same parent, swapped in at claim)."""
+    and its home and gateway socket directory (``SWAPPED``) are empty directories beside the
+    session's (the pool makes fresh ones in the same parents, swapped in at claim)."""
     spare = {k: v for k, v in kwargs.items() if k not in ("name", "environment", "command")}
     spare["command"] = list(idle_command)
     spare["environment"] = {}
@@ -202,27 +213,25 @@ def spare_template(kwargs: Mapping[str, Any], *, idle_command: Sequence[str],
                        if k not in (LABEL_SESSION, LABEL_AGENT)}
     spare["labels"][LABEL_SESSION] = WARM_SESSION
     spare["mounts"] = [dict(m, Source=os.path.join(os.path.dirname(m["Source"]), SPARE_HOME_PENDING))
-                       if home is not None and m.get("Target") == AGENT_HOME else m
+                       if m.get("Target") in SWAPPED else m
                        for m in kwargs.get("mounts", [])]
     return spare
 
 
-def with_spare_home(template: Mapping[str, Any], home_dir: str | None) -> dict[str, Any]:
-    """``template`` with its home mount's source set to the spare's own directory."""
+def with_spare_dirs(template: Mapping[str, Any], dirs: Mapping[str, str]) -> dict[str, Any]:
+    """``template`` with the sources of its ``SWAPPED`` mounts set to the spare's own
+    directories (``dirs``: mount target → host directory), each named in a label."""
     spare = dict(template)
-    spare["mounts"] = [dict(m, Source=home_dir) if m.get("Target") == AGENT_HOME and home_dir else m
+    spare["mounts"] = [dict(m, Source=dirs[m["Target"]]) if m.get("Target") in dirs else m
                        for m in template.get("mounts", [])]
-    if home_dir:
-        spare["labels"] = {**template["labels"], LABEL_POOL_HOME: home_dir}
+    spare["labels"] = {**template["labels"], **{SWAPPED[t]: d for t, d in dirs.items()}}
     return spare
 
 
-def spare_home_parent(template: Mapping[str, Any]) -> str | None:
-    """Where a spare's home directory goes (beside the homes of the sessions it serves)."""
-    for m in template.get("mounts", []):
-        if m.get("Target") == AGENT_HOME:
-            return os.path.dirname(m["Source"])
-    return None
+def spare_dir_parents(template: Mapping[str, Any]) -> dict[str, str]:
+    """Where a spare's own directories go: mount target → the parent of the sessions' ones."""
+    return {m["Target"]: os.path.dirname(m["Source"]) for m in template.get("mounts", [])
+            if m.get("Target") in SWAPPED}
 
 
 def resolve_user(setting: str, workspace: Path) -> str:
