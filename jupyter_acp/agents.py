@@ -423,7 +423,7 @@ def builtin_specs() -> list[AgentSpec]:
             description="OpenAI Codex (npm @zed-industries/codex-acp) over ACP; OpenAI Responses.",
             mem_limit=1024**3,
             llm_api="openai",
-            default_model="gpt-5.1-codex",
+            default_model="gpt-5.3-codex",
             default_base_url="https://api.openai.com/v1",
             settings_files={".codex/config.toml": CODEX_CONFIG},
             mode_levels=dict(CODEX_MODE_LEVELS),

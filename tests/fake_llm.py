@@ -470,7 +470,13 @@ class _Handler(BaseHTTPRequestHandler):
             elif name == "shell":
                 payload = json.dumps({"command": ["bash", "-lc", target]})
             elif name == "exec_command":
-                payload = json.dumps({"cmd": target})
+                args: dict[str, Any] = {"cmd": target}
+                if "sandbox_permissions" in json.dumps(tool.get("parameters") or {}):
+                    # Codex runs commands in its own read-only sandbox unless the model asks to
+                    # run one outside it, which it asks the user for (an ACP permission request)
+                    args.update(sandbox_permissions="require_escalated",
+                                justification="Run the command the user asked for")
+                payload = json.dumps(args)
             else:
                 payload = json.dumps({"command": target})
             if tool.get("type") == "custom":
