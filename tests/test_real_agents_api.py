@@ -1,8 +1,10 @@
-"""Qwen Code through the server's REST + WebSocket API, in bubblewrap, against the fake LLM.
+"""Qwen Code, Claude Code and Codex through the server's REST + WebSocket API, in bubblewrap,
+against the fake LLM.
 
-The same turn a JupyterLab user makes: start a session over REST, switch to ``default`` mode,
-prompt over the WebSocket, answer the permission request over REST, and read ``GET usage``,
-whose totals must equal what the fake LLM endpoint billed (the per-session gateway meters it).
+The same turn a JupyterLab user makes: start a session over REST, switch to the mode that asks,
+prompt over the WebSocket, answer each permission request over REST (a file written; for
+Claude and Codex also a command run in the sandbox), and read ``GET usage``, whose totals must
+equal what the fake LLM endpoint billed (the per-session gateway meters it).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import acp_require
 from fake_llm import TOOL_DONE_REPLY, FakeLLM
-from test_real_agents import REAL_KEY, require_agent
+from test_real_agents import REAL_KEY, billed_rows, require_agent
 from test_server import frames_until, next_frame, ws_connect
 from traitlets.config import Config
 
@@ -22,6 +24,15 @@ from jupyter_acp.sandbox.bubblewrap import BubblewrapSandbox
 from jupyter_acp.testing import TokenPerUser, auth
 
 pytestmark = [pytest.mark.agent, pytest.mark.sandbox, pytest.mark.timeout(120)]
+
+#: Per agent: the credentials' endpoint suffix and model, and the mode that asks.
+AGENTS = {"qwen": ("/v1", "fake-model", "default"), "claude": ("", "claude-sonnet-4-5", "default"),
+          "codex": ("/v1", "gpt-5.3-codex", "read-only")}
+
+
+@pytest.fixture(params=sorted(AGENTS))
+def agent(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
@@ -31,8 +42,9 @@ def fake() -> Any:
 
 
 @pytest.fixture
-def jp_server_config(tmp_path: Path, fake: FakeLLM) -> Config:
-    bin_dir = require_agent("qwen")
+def jp_server_config(tmp_path: Path, fake: FakeLLM, agent: str) -> Config:
+    bin_dir = require_agent(agent)
+    suffix, model, _ = AGENTS[agent]
     ok, why = BubblewrapSandbox.available()
     acp_require("JUPYTER_ACP_REQUIRE_SANDBOX", ok, f"bubblewrap cannot run here: {why}")
     return Config({
@@ -41,8 +53,8 @@ def jp_server_config(tmp_path: Path, fake: FakeLLM) -> Config:
         "UserSessionManager": {"sandbox": "bubblewrap", "workspace_template": "{root_dir}/{username}",
                                "agent_home_dir": str(tmp_path / "homes"), "monitor_interval": 0},
         "UsageLedger": {"db_url": f"sqlite:///{tmp_path / 'usage.sqlite'}"},
-        "AgentConfigManager": {"extra_paths": [bin_dir], "credentials": {"qwen": {
-            "api_key": REAL_KEY, "base_url": fake.url + "/v1", "model": "fake-model"}}},
+        "AgentConfigManager": {"extra_paths": [bin_dir], "credentials": {agent: {
+            "api_key": REAL_KEY, "base_url": fake.url + suffix, "model": model}}},
     })
 
 
@@ -51,25 +63,29 @@ def jp_auth_header() -> dict[str, str]:
     return auth("alice")
 
 
-async def test_qwen_code_turn_through_the_api(jp_fetch: Any, jp_ws_fetch: Any, jp_root_dir: Path,
-                                               fake: FakeLLM) -> None:
+async def test_turn_through_the_api(jp_fetch: Any, jp_ws_fetch: Any, jp_root_dir: Path, fake: FakeLLM,
+                                    agent: str) -> None:
     async def rest(method: str, path: str, body: Any = None) -> Any:
         kwargs = {"body": json.dumps(body or {})} if method == "POST" else {}
         resp = await jp_fetch("api", "acp", *path.split("/"), method=method, **kwargs)
         return json.loads(resp.body) if resp.body else None
 
     agents = {a["name"]: a for a in (await rest("GET", "agents"))["agents"]}
-    assert agents["qwen"]["available"], agents["qwen"]["reason"]
-    session = await rest("POST", "sessions", {"agent": "qwen"})
+    assert agents[agent]["available"], agents[agent]["reason"]
+    session = await rest("POST", "sessions", {"agent": agent})
     sid = session["id"]
     assert session["state"] == "ready" and session["sandbox"] == "bubblewrap"
     assert REAL_KEY not in json.dumps(session)
-    assert (await rest("POST", f"sessions/{sid}/mode", {"mode_id": "default"}))["current"] == "default"
+    mode = AGENTS[agent][2]
+    assert (await rest("POST", f"sessions/{sid}/mode", {"mode_id": mode}))["current"] == mode
 
     ws = await ws_connect(jp_ws_fetch, sid)
     await frames_until(ws, "history:end")
     target = "/workspace/hello.txt"  # the workspace's path inside the sandbox
-    ws.write_message(json.dumps({"type": "chat:message", "message": f"please write {target} containing hi"}))
+    message = f"please write {target} containing hi"
+    if agent != "qwen":  # they run commands themselves, inside the sandbox
+        message += ", then run `env > /workspace/ran.txt`"
+    ws.write_message(json.dumps({"type": "chat:message", "message": message}))
 
     async def approve(frame: dict[str, Any]) -> None:
         if frame["type"] == "permission:request":
@@ -81,7 +97,11 @@ async def test_qwen_code_turn_through_the_api(jp_fetch: Any, jp_ws_fetch: Any, j
     kinds = [f["data"].get("sessionUpdate") for f in frames if f["type"] == "session/update"]
     assert "tool_call" in kinds and "permission:resolved" in [f["type"] for f in frames]
     assert TOOL_DONE_REPLY in frames[-1]["data"]["text"]
-    assert (jp_root_dir / "alice" / "hello.txt").read_text() == "hi"
+    assert (jp_root_dir / "alice" / "hello.txt").read_text().strip() == "hi"
+    if agent != "qwen":
+        env = (jp_root_dir / "alice" / "ran.txt").read_text()
+        assert "HOME=/home/agent" in env and REAL_KEY not in env
+        assert [f["type"] for f in frames].count("permission:resolved") == 2
     assert (await next_frame(ws))["data"]["state"] == "ready"
     ws.close()
 
@@ -90,6 +110,9 @@ async def test_qwen_code_turn_through_the_api(jp_fetch: Any, jp_ws_fetch: Any, j
     assert (usage["total"]["input_tokens"], usage["total"]["output_tokens"], usage["total"]["total_tokens"]) \
         == (billed["input"], billed["output"], billed["total"])
     assert usage["total"]["turns"] == 1 and billed["requests"] >= 2
+    assert (usage["total"]["cached_read_tokens"], usage["total"]["thought_tokens"]) == \
+        (billed["cached_read"], billed["thought"])
+    assert len(billed_rows(fake)) == billed["requests"]
     assert (await rest("GET", f"sessions/{sid}"))["tokens"]["total_tokens"] == billed["total"]
     history = await rest("GET", f"sessions/{sid}/history")
     assert REAL_KEY not in json.dumps(history)
