@@ -231,3 +231,12 @@ async def test_a_response_without_usage_is_cut_and_recorded_as_a_flagged_estimat
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_details_that_are_not_objects_count_as_absent():
+    body = json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                                 "prompt_tokens_details": [1], "completion_tokens_details": "x"}}).encode()
+    assert counts(metered("openai", body)) == (3, 4, 0, 0, 0, 7)
+    body = json.dumps({"type": "response.completed", "response": {"usage": {
+        "input_tokens": 3, "output_tokens": 4, "input_tokens_details": 5}}}).encode()
+    assert counts(metered("openai", b"data: " + body + b"\n\n")) == (3, 4, 0, 0, 0, 7)

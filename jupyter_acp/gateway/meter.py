@@ -38,6 +38,12 @@ from ..usage import (
     _int,  # a count from an untrusted report: non-negative, 0 if unreadable
 )
 
+
+def _dict(value: Any) -> dict[str, Any]:
+    """A details block, or {} when it is missing or not an object."""
+    return value if isinstance(value, dict) else {}
+
+
 #: Wire formats the gateway and the meter understand.
 APIS = ("openai", "gemini", "anthropic")
 
@@ -120,8 +126,8 @@ class UsageMeter:
             if isinstance(usage, dict) and ("input_tokens" in usage or "output_tokens" in usage):
                 self._observe_responses(usage)
             elif isinstance(usage, dict):
-                details = usage.get("prompt_tokens_details") or {}
-                out_details = usage.get("completion_tokens_details") or {}
+                details = _dict(usage.get("prompt_tokens_details"))
+                out_details = _dict(usage.get("completion_tokens_details"))
                 self._usage = {"input": _int(usage.get("prompt_tokens")),
                                "output": _int(usage.get("completion_tokens")),
                                "thought": _int(out_details.get("reasoning_tokens")),
@@ -140,10 +146,8 @@ class UsageMeter:
 
     def _observe_responses(self, usage: dict[str, Any]) -> None:
         """OpenAI Responses ``usage``: input includes the cached part, output the reasoning."""
-        details = usage.get("input_tokens_details")
-        out_details = usage.get("output_tokens_details")
-        details = details if isinstance(details, dict) else {}
-        out_details = out_details if isinstance(out_details, dict) else {}
+        details = _dict(usage.get("input_tokens_details"))
+        out_details = _dict(usage.get("output_tokens_details"))
         self._usage = {"input": _int(usage.get("input_tokens")), "output": _int(usage.get("output_tokens")),
                        "thought": _int(out_details.get("reasoning_tokens")),
                        "cached_read": _int(details.get("cached_tokens")), "cached_write": 0,
@@ -152,7 +156,7 @@ class UsageMeter:
     def _observe_anthropic(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
         if kind == "message_start" and isinstance(obj.get("message"), dict):
-            usage = obj["message"].get("usage") or {}
+            usage = _dict(obj["message"].get("usage"))
             if isinstance(obj["message"].get("model"), str):
                 self.model = obj["message"]["model"]
             self._anthropic.update(input=_int(usage.get("input_tokens")),
