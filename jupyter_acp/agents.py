@@ -341,7 +341,11 @@ CODEX_MODE_CONFIG = {"read-only": ("on-request", "read-only"), "auto": ("on-requ
 #: ``~/.codex/config.toml``: the model provider ``jacp`` (the Responses wire API, the key from
 #: ``OPENAI_API_KEY``; its ``base_url`` is an argument, see the spec), no update check, no
 #: analytics, feedback or OpenTelemetry export, no history file. Codex has no base-URL
-#: environment variable and no login is needed with ``env_key``.
+#: environment variable and no login is needed with ``env_key``. Its own sandbox (for commands
+#: it runs without asking, e.g. read-only ones) uses Landlock, not its default nested
+#: bubblewrap: nested user namespaces are refused inside a Docker container ("bwrap: No
+#: permissions to create new namespace", so every such command failed), Landlock works in both
+#: of our backends (measured with codex-acp 0.16.0). Our sandbox stays the boundary.
 CODEX_CONFIG = {
     "model_provider": "jacp",
     "check_for_update_on_startup": False,
@@ -352,6 +356,7 @@ CODEX_CONFIG = {
     "feedback": {"enabled": False},
     "otel": {"exporter": "none", "trace_exporter": "none", "log_user_prompt": False},
     "history": {"persistence": "none"},
+    "features": {"use_legacy_landlock": True},
 }
 
 

@@ -122,6 +122,7 @@ def test_codex_config_is_toml_and_its_endpoint_an_argument(tmp_path):
     assert config["model_providers"]["jacp"]["env_key"] == "OPENAI_API_KEY"
     assert (config["approval_policy"], config["sandbox_mode"]) == ("on-request", "read-only")
     assert config["check_for_update_on_startup"] is False and config["analytics"] == {"enabled": False}
+    assert config["features"]["use_legacy_landlock"] is True  # no nested bwrap (refused in Docker)
     argv = spec.argv(None, "http://127.0.0.1:{port}/v1")
     assert 'model_providers.jacp.base_url="http://127.0.0.1:{port}/v1"' in argv
     assert 'model="gpt-5.3-codex"' in argv
