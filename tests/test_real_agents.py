@@ -173,7 +173,12 @@ async def run_agent_session(acp_managers, fake: FakeLLM, backend: str, agent: st
 
     # 2. a tool call that writes a file, after a permission request answered by "the user";
     #    then (run_command) a command inside the sandbox, also after a permission request
-    if mode:
+    if mode:  # the admin's policy ("ask") already put it in the mode that asks
+        modes = session.stats()["modes"]
+        assert modes["currentModeId"] == mode
+        forbidden = {m["id"] for m in modes.get("forbiddenModes", [])}
+        assert forbidden & {"yolo", "bypassPermissions", "full-access", "auto", "auto-edit", "autoEdit"
+                            } and mode not in forbidden
         await session.set_mode(mode)
         assert session.stats()["modes"]["currentModeId"] == mode
     target = f"{session.sandbox.workspace_path}/hello.txt"
