@@ -74,7 +74,7 @@ docker:
 	  else echo "no Docker engine here; the docker tests will be skipped"; fi; \
 	fi
 
-# Real ACP agents (Qwen Code, Gemini CLI) at pinned npm versions in .cache/agents (idempotent),
+# Real ACP agents (Qwen Code, Gemini CLI, Claude Code, Codex) at pinned npm versions in .cache/agents (idempotent),
 # for tests/test_real_agents.py; without npm those tests are skipped (and fail in CI).
 agents:
 	@scripts/agents >/dev/null || echo "could not install the real agents; their tests will be skipped"

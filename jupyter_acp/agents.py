@@ -86,6 +86,9 @@ class AgentSpec:
     ``api_key`` it lets the server's LLM gateway carry, meter and cap its traffic."""
     default_model: str | None = None
     """The model used when the credentials name none; ``{model}`` in ``command`` is replaced by it."""
+    default_base_url: str | None = None
+    """The endpoint ``{base_url}`` in ``command`` stands for when the credentials name none and
+    the gateway is not used."""
     settings_files: dict[str, Any] = field(default_factory=dict)
     """JSON files written into each session's private ``$HOME`` (path relative to it → content),
     e.g. settings that turn off telemetry, auto-update and hidden LLM calls."""
@@ -151,19 +154,24 @@ class AgentSpec:
             return False, f"{self.command[0]!r} is not installed (not found on PATH)"
         return True, ""
 
-    def argv(self, model: str | None = None) -> list[str]:
-        """The command with ``{model}`` replaced (the credentials' model, else ``default_model``)."""
+    def argv(self, model: str | None = None, base_url: str | None = None) -> list[str]:
+        """The command with ``{model}`` replaced (the credentials' model, else ``default_model``)
+        and ``{base_url}`` (the LLM endpoint as the agent reaches it, for agents that take it
+        only as an argument, e.g. Codex; through the gateway it holds ``{port}``, which the
+        relay fills in)."""
         chosen = model or self.default_model or ""
-        return [arg.replace("{model}", chosen) for arg in self.command]
+        return [arg.replace("{model}", chosen).replace("{base_url}", base_url or "") for arg in self.command]
 
     def write_home(self, home: Path) -> None:
-        """Write ``settings_files`` into a session's fresh home directory."""
+        """Write ``settings_files`` into a session's fresh home directory: JSON, or TOML for a
+        name ending in ``.toml`` (Codex's ``config.toml``)."""
         for rel, content in self.settings_files.items():
             target = (home / rel).resolve()
             if home.resolve() not in target.parents:
                 raise ValueError(f"Agent {self.name!r}: settings file {rel!r} lies outside $HOME")
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(content, indent=2) + "\n")
+            text = to_toml(content) if rel.endswith(".toml") else json.dumps(content, indent=2) + "\n"
+            target.write_text(text)
 
     # -- modes ---------------------------------------------------------------------------------
     def mode_level(self, mode_id: str | None) -> int | None:
@@ -243,6 +251,30 @@ class AgentSpec:
         return data
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ValueError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A small TOML writer for settings files (tables, strings, numbers, booleans, lists):
+    enough for Codex's ``config.toml``, without a dependency."""
+    lines = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            name = f"{prefix}.{json.dumps(key)}" if prefix else json.dumps(key)
+            out += f"\n[{name}]\n" + to_toml(value, name)
+    return out
+
+
 _OPENAI_CREDS = {"api_key": "OPENAI_API_KEY", "base_url": "OPENAI_BASE_URL", "model": "OPENAI_MODEL"}
 
 #: Qwen Code 0.24 settings: no telemetry, no auto-update, and none of the background LLM calls
@@ -283,17 +315,49 @@ QWEN_MODE_LEVELS = {"plan": 0, "default": 1, "auto-edit": 2, "auto": 3, "yolo": 
 #: says so only in a message chunk ``[MODE_UPDATE] autoEdit``, never ``current_mode_update``.
 GEMINI_MODE_LEVELS = {"plan": 0, "default": 1, "autoEdit": 2, "yolo": 4}
 GEMINI_MODE_FLAGS = {"plan": "plan", "default": "default", "autoEdit": "auto_edit", "yolo": "yolo"}
-#: claude-agent-acp: ``auto`` (a classifier), ``default``, ``acceptEdits``, ``plan``, ``dontAsk``
-#: (denies what is not pre-approved), ``bypassPermissions``; it starts in the
-#: ``permissions.defaultMode`` of ``$CLAUDE_CONFIG_DIR/settings.json`` (``~/.claude``). Untested here.
+#: claude-agent-acp 0.101: ``auto`` (a classifier), ``default``, ``acceptEdits``, ``plan``,
+#: ``dontAsk`` (denies what is not pre-approved), ``bypassPermissions`` (refused as root). Its
+#: starting mode depends on the model (``auto`` for names it does not know) and on
+#: ``permissions.defaultMode`` in ``~/.claude/settings.json``; the session sets the policy's mode
+#: after ``session/new`` anyway.
 CLAUDE_MODE_LEVELS = {"plan": 0, "dontAsk": 1, "default": 1, "acceptEdits": 2, "auto": 3,
                       "bypassPermissions": 4}
-#: codex-acp: ``read-only`` (asks before edits; commands run in a read-only sandbox), ``auto``
-#: (edits and runs commands in the workspace without asking), ``full-access``; the mode follows
-#: the ``approval_policy`` and ``sandbox_mode`` config (``-c`` overrides). Untested here.
+#: Claude Code's environment: no telemetry, error reports or auto-update, and none of its
+#: "nonessential" traffic (without that switch it calls api.anthropic.com directly, past the
+#: gateway); no prompt suggestion after each turn (one more, hidden, LLM call). Measured with
+#: claude-agent-acp 0.101.0 (native ``claude`` 2.1.318): with these, the only requests are
+#: ``POST /v1/messages`` to ``ANTHROPIC_BASE_URL`` (the turn's, plus one title call per turn).
+CLAUDE_ENV = {"DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1",
+              "DISABLE_BUG_COMMAND": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+              "CLAUDE_CODE_ENABLE_PROMPT_SUGGESTION": "false", "CLAUDE_CODE_DISABLE_FEEDBACK_SURVEY": "1"}
+#: ``~/.claude/settings.json``: no co-author lines in commits it makes for the user.
+CLAUDE_SETTINGS = {"includeCoAuthoredBy": False, "permissions": {"defaultMode": "default"}}
+#: codex-acp 0.16 (codex 0.137): ``read-only`` (asks before edits and commands), ``auto`` (edits and
+#: runs commands in the workspace without asking), ``full-access``; the mode follows the
+#: ``approval_policy`` and ``sandbox_mode`` of its config.
 CODEX_MODE_LEVELS = {"read-only": 1, "auto": 2, "full-access": 4}
 CODEX_MODE_CONFIG = {"read-only": ("on-request", "read-only"), "auto": ("on-request", "workspace-write"),
                      "full-access": ("never", "danger-full-access")}
+#: ``~/.codex/config.toml``: the model provider ``jacp`` (the Responses wire API, the key from
+#: ``OPENAI_API_KEY``; its ``base_url`` is an argument, see the spec), no update check, no
+#: analytics, feedback or OpenTelemetry export, no history file. Codex has no base-URL
+#: environment variable and no login is needed with ``env_key``. Its own sandbox (for commands
+#: it runs without asking, e.g. read-only ones) uses Landlock, not its default nested
+#: bubblewrap: nested user namespaces are refused inside a Docker container ("bwrap: No
+#: permissions to create new namespace", so every such command failed), Landlock works in both
+#: of our backends (measured with codex-acp 0.16.0). Our sandbox stays the boundary.
+CODEX_CONFIG = {
+    "model_provider": "jacp",
+    "check_for_update_on_startup": False,
+    "model_providers": {"jacp": {"name": "jupyter-acp", "wire_api": "responses",
+                                 "env_key": "OPENAI_API_KEY", "request_max_retries": 1,
+                                 "stream_max_retries": 1}},
+    "analytics": {"enabled": False},
+    "feedback": {"enabled": False},
+    "otel": {"exporter": "none", "trace_exporter": "none", "log_user_prompt": False},
+    "history": {"persistence": "none"},
+    "features": {"use_legacy_landlock": True},
+}
 
 
 def builtin_specs() -> list[AgentSpec]:
@@ -342,11 +406,11 @@ def builtin_specs() -> list[AgentSpec]:
             capabilities=["fs", "terminal", "permissions", "load_session", "modes", "llm"],
             credential_env={"api_key": "ANTHROPIC_API_KEY", "base_url": "ANTHROPIC_BASE_URL",
                             "model": "ANTHROPIC_MODEL", "access_token": "CLAUDE_CODE_OAUTH_TOKEN"},
-            description="Claude Code through the claude-agent-acp adapter.",
+            description="Claude Code (npm @agentclientprotocol/claude-agent-acp) over ACP.",
             mem_limit=1024**3,
             llm_api="anthropic",
-            env={"DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1",
-                 "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"},
+            env=dict(CLAUDE_ENV),
+            settings_files={".claude/settings.json": CLAUDE_SETTINGS},
             mode_levels=dict(CLAUDE_MODE_LEVELS),
             policy_modes={"ask": "default", "allow": "acceptEdits", "deny": "plan"},
             mode_settings={m: {".claude/settings.json": {"permissions": {"defaultMode": m}}}
@@ -356,16 +420,21 @@ def builtin_specs() -> list[AgentSpec]:
         AgentSpec(
             name="codex",
             display_name="Codex",
-            command=["codex-acp"],
-            capabilities=["fs", "terminal", "permissions", "llm"],
+            # the provider's endpoint and the model are arguments: codex reads no base-URL variable
+            command=["codex-acp", "-c", 'model_providers.jacp.base_url="{base_url}"',
+                     "-c", 'model="{model}"'],
+            capabilities=["fs", "terminal", "permissions", "modes", "llm"],
             credential_env=dict(_OPENAI_CREDS),
-            description="OpenAI Codex through the codex-acp adapter.",
+            description="OpenAI Codex (npm @zed-industries/codex-acp) over ACP; OpenAI Responses.",
             mem_limit=1024**3,
             llm_api="openai",
+            default_model="gpt-5.3-codex",
+            default_base_url="https://api.openai.com/v1",
+            settings_files={".codex/config.toml": CODEX_CONFIG},
             mode_levels=dict(CODEX_MODE_LEVELS),
             policy_modes={"ask": "read-only", "allow": "auto", "deny": "read-only"},
-            mode_args={m: ["-c", f'approval_policy="{approval}"', "-c", f'sandbox_mode="{sandbox}"']
-                       for m, (approval, sandbox) in CODEX_MODE_CONFIG.items()},
+            mode_settings={m: {".codex/config.toml": {"approval_policy": approval, "sandbox_mode": sandbox}}
+                           for m, (approval, sandbox) in CODEX_MODE_CONFIG.items()},
             source="builtin",
         ),
     ]

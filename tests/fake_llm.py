@@ -1,22 +1,34 @@
-"""A local fake LLM endpoint: OpenAI-compatible chat completions and the Gemini API, on 127.0.0.1.
+"""A local fake LLM endpoint on 127.0.0.1 speaking the four wire formats real agents use.
 
-Real agents (Qwen Code, Gemini CLI) are run against it instead of a cloud LLM, which the tests
-must never call. It speaks the two wire formats those agents use:
+Real agents are run against it instead of a cloud LLM, which the tests must never call:
 
-* OpenAI ``POST /v1/chat/completions`` — JSON, or SSE when ``stream`` is true, with a final
-  ``usage`` chunk when ``stream_options.include_usage`` is set (and always in the JSON body);
-* Gemini ``POST /v1beta/models/<model>:streamGenerateContent?alt=sse`` (SSE, ``usageMetadata``
-  on every event, cumulative) and ``:generateContent`` (JSON), plus ``:countTokens``.
+* OpenAI ``POST /v1/chat/completions`` (Qwen Code) — JSON, or SSE when ``stream`` is true, with
+  a final ``usage`` chunk when ``stream_options.include_usage`` is set (and always in the JSON);
+* Gemini ``POST /v1beta/models/<model>:streamGenerateContent?alt=sse`` (Gemini CLI; SSE,
+  ``usageMetadata`` on every event, cumulative) and ``:generateContent`` (JSON), plus
+  ``:countTokens``;
+* Anthropic Messages ``POST /v1/messages`` (Claude Code) — SSE with ``event:`` lines when
+  ``stream`` is true (``message_start`` with the input, cache-creation and cache-read tokens,
+  ``message_delta`` with the output), else one JSON ``message``;
+* OpenAI Responses ``POST /v1/responses`` (Codex) — SSE ending in ``response.completed`` whose
+  usage has ``input_tokens_details.cached_tokens`` and ``output_tokens_details.reasoning_tokens``,
+  else one JSON ``response``.
 
-Replies are chosen by rules, not by position, so that an agent's extra requests do not shift a
-script: a request whose last message is a tool result gets ``TOOL_DONE_REPLY``; a user message
-``write <absolute path> containing <text>`` gets a call of the agent's ``write_file`` tool
-(Qwen Code's and Gemini CLI's name it so, with ``file_path`` and ``content``); anything else
-gets ``Hello from the fake LLM. <echo>``, streamed word by word.
+Replies are chosen by rules, not by position, so that an agent's extra requests (title calls)
+do not shift a script. A user message ``write <absolute path> containing <text>`` asks for a
+file, ``run `<command>``` for a command; the reply calls the agent's tool for each step in turn
+(counting the tool results since that user message), then answers ``TOOL_DONE_REPLY``. Qwen
+Code and Gemini CLI write with ``write_file``; Claude Code with ``Write`` and runs with
+``Bash``; Codex writes with ``apply_patch`` and runs with ``shell`` (or ``shell_command`` /
+``exec_command``, whichever it offers). Anything else gets ``Hello from the fake LLM. <echo>``,
+streamed word by word.
 
-Token counts are deterministic functions of the request and reply; every request is recorded
-with the usage block it was billed, so tests can compare an accounting with what the "endpoint"
-billed. Runs in a thread (stdlib ``http.server``), independent of the test's event loop;
+Token counts are deterministic functions of the request and reply; the Anthropic and Responses
+endpoints also bill cached prompt tokens and reasoning tokens, so that a meter that drops them
+shows. Every request is recorded with the usage it was billed, normalised (``input`` is the
+whole prompt, cached part included; ``output`` the whole completion, reasoning included), so
+tests can compare an accounting with what the "endpoint" billed, request by request. Runs in a
+thread (stdlib ``http.server``), independent of the test's event loop;
 ``python tests/fake_llm.py [PORT]`` serves it standalone.
 """
 
@@ -33,6 +45,12 @@ from urllib.parse import parse_qs, urlsplit
 
 TOOL_DONE_REPLY = "Done: the file is written."
 WRITE_RE = re.compile(r"write (/\S+) containing (.+)", re.S)
+#: In the scripted tool loop (Anthropic, Responses) the text to write ends before ``, then run``.
+STEP_WRITE_RE = re.compile(r"write (/\S+) containing (.+?)(?:,? then run `|$)", re.S)
+RUN_RE = re.compile(r"run `([^`]+)`")
+#: Tool names per role, in order of preference, across the agents' tool sets.
+WRITE_TOOLS = ("Write", "mcp__acp__Write", "apply_patch")
+RUN_TOOLS = ("Bash", "mcp__acp__Bash", "shell", "shell_command", "exec_command")
 
 
 @dataclass
@@ -45,7 +63,8 @@ class Recorded:
     kind: str
     """``text``, ``tool_call``, ``tool_done``, ``count_tokens`` or ``error``."""
     usage: dict[str, int] = field(default_factory=dict)
-    """What was billed, normalised: ``input``, ``output``, ``total`` (``thought``, ``cached``)."""
+    """What was billed, normalised: ``input``, ``output``, ``total``, ``thought``,
+    ``cached_read``, ``cached_write`` (the last three 0 where the format has none)."""
 
 
 def _words(text: str) -> list[str]:
@@ -91,14 +110,47 @@ class FakeLLM:
 
     def billed(self) -> dict[str, int]:
         """The sum of every usage block served (what a real endpoint would have billed)."""
-        out = {"input": 0, "output": 0, "total": 0, "requests": 0}
+        out = {"input": 0, "output": 0, "total": 0, "thought": 0, "cached_read": 0, "cached_write": 0,
+               "requests": 0}
         with self._lock:
             for rec in self.requests:
                 if rec.usage:
                     out["requests"] += 1
-                    for key in ("input", "output", "total"):
+                    for key in USAGE_KEYS:
                         out[key] += rec.usage.get(key, 0)
         return out
+
+    def billed_requests(self) -> list[dict[str, int]]:
+        """Each billed request's usage, in the order served."""
+        with self._lock:
+            return [{key: rec.usage.get(key, 0) for key in USAGE_KEYS} for rec in self.requests if rec.usage]
+
+    @staticmethod
+    def script_step(user_text: str, done: int, tools: list[str]) -> tuple[str, Any]:
+        """The scripted tool loop (Anthropic, Responses): the step after ``done`` tool results.
+
+        ("tool_call", (role, tool name, path or command, text)) | ("tool_done", text) | ("text", text)."""
+        steps: list[tuple[str, str, str]] = []
+        m = STEP_WRITE_RE.search(user_text)
+        writer = next((n for n in WRITE_TOOLS if n in tools), None)
+        if m and writer:
+            steps.append(("write", m.group(1), m.group(2).strip()))
+        r = RUN_RE.search(user_text)
+        runner = next((n for n in RUN_TOOLS if n in tools), None)
+        if r and runner:
+            steps.append(("run", r.group(1), ""))
+        if done < len(steps):
+            role, target, text = steps[done]
+            return "tool_call", (role, writer if role == "write" else runner, target, text)
+        if done:
+            return "tool_done", TOOL_DONE_REPLY
+        echo = " ".join(user_text.split()[:12])
+        return "text", f"Hello from the fake LLM. You said: {echo}"
+
+    @staticmethod
+    def cache_split(prompt: int) -> tuple[int, int]:
+        """(cache read, cache write) tokens billed for a prompt of ``prompt`` tokens."""
+        return prompt // 3, prompt // 7
 
     # -- reply rules ---------------------------------------------------------------------------
     @staticmethod
@@ -117,6 +169,12 @@ class FakeLLM:
     def tokens_in(body: dict[str, Any]) -> int:
         """A deterministic prompt size: one token per 4 bytes of the request (at least 1)."""
         return max(1, len(json.dumps(body, sort_keys=True)) // 4)
+
+
+USAGE_KEYS = ("input", "output", "total", "thought", "cached_read", "cached_write")
+#: Reasoning tokens billed per Responses request (part of ``output_tokens``, like OpenAI's).
+REASONING_TOKENS = 5
+TOOL_OUTPUTS = ("function_call_output", "custom_tool_call_output", "local_shell_call_output")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -161,6 +219,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _sse_end(self) -> None:
         self._chunk(b"")
 
+    def _named_event(self, name: str, obj: Any) -> None:
+        """An SSE event with an ``event:`` line (Anthropic's and the Responses API's style)."""
+        self._chunk(f"event: {name}\n".encode() + b"data: " + json.dumps(obj).encode() + b"\n\n")
+
     def do_GET(self) -> None:
         if urlsplit(self.path).path.rstrip("/").endswith("/models"):
             self._json(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
@@ -173,6 +235,10 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         if path.endswith("/chat/completions"):
             self._openai(path, headers, body)
+        elif path.endswith("/v1/messages"):
+            self._anthropic(path, headers, body)
+        elif path.endswith("/v1/responses"):
+            self._responses(path, headers, body)
         elif ":" in path and "/models/" in path:
             self._gemini(path, headers, body)
         else:
@@ -298,6 +364,178 @@ class _Handler(BaseHTTPRequestHandler):
             self._event(ev)
         self._sse_end()
 
+
+    # -- Anthropic Messages --------------------------------------------------------------------
+    def _anthropic(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> None:
+        fake = self.server_fake
+        messages = body.get("messages") or []
+        user_text, done = "", 0
+        for message in reversed(messages):
+            content = message.get("content")
+            blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+            if message.get("role") != "user":
+                continue
+            results = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_result"]
+            texts = [b.get("text") for b in blocks if isinstance(b, dict) and b.get("type") == "text"
+                     and isinstance(b.get("text"), str) and not b["text"].lstrip().startswith("<")]
+            done += len(results)
+            if texts and not results:
+                user_text = texts[-1]
+                break
+        tools = [t.get("name", "") for t in body.get("tools") or [] if isinstance(t, dict)]
+        kind, reply = fake.script_step(user_text, done, tools)
+        model = body.get("model") or "fake-model"
+        prompt = fake.tokens_in(body)
+        cached_read, cached_write = fake.cache_split(prompt)
+        fresh = prompt - cached_read - cached_write
+        if kind == "tool_call":
+            _role, name, target, text = reply
+            args = {"file_path": target, "content": text} if _role == "write" else \
+                {"command": target, "description": "Run the command"}
+            call_id = f"toolu_{len(fake.requests) + 1}"
+            blocks = [{"type": "tool_use", "id": call_id, "name": name, "input": args}]
+            completion = 3 + len(json.dumps(args)) // 4
+            stop = "tool_use"
+        else:
+            blocks = [{"type": "text", "text": reply}]
+            completion = len(_words(reply))
+            stop = "end_turn"
+        fake.record(Recorded(path, headers, body, kind if kind != "tool_call" else "tool_call",
+                             {"input": prompt, "output": completion, "total": prompt + completion,
+                              "thought": 0, "cached_read": cached_read, "cached_write": cached_write}))
+        usage = {"input_tokens": fresh, "cache_creation_input_tokens": cached_write,
+                 "cache_read_input_tokens": cached_read, "output_tokens": completion}
+        message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+                   "content": blocks, "stop_reason": stop, "stop_sequence": None, "usage": usage}
+        if not body.get("stream"):
+            self._json(200, message)
+            return
+        self._sse_start()
+        self._named_event("message_start", {"type": "message_start", "message": {
+            **message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}})
+        for index, block in enumerate(blocks):
+            if block["type"] == "text":
+                self._named_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                          "content_block": {"type": "text", "text": ""}})
+                words = _words(block["text"])
+                for i, word in enumerate(words):
+                    piece = word + (" " if i < len(words) - 1 else "")
+                    self._named_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                              "delta": {"type": "text_delta", "text": piece}})
+            else:
+                self._named_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                          "content_block": {**block, "input": {}}})
+                delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+                self._named_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                          "delta": delta})
+            self._named_event("content_block_stop", {"type": "content_block_stop", "index": index})
+        self._named_event("message_delta", {"type": "message_delta",
+                                            "delta": {"stop_reason": stop, "stop_sequence": None},
+                                            "usage": {"output_tokens": completion}})
+        self._named_event("message_stop", {"type": "message_stop"})
+        self._sse_end()
+
+    # -- OpenAI Responses ----------------------------------------------------------------------
+    def _responses(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> None:
+        fake = self.server_fake
+        items = body.get("input") or []
+        if isinstance(items, str):
+            items = [{"type": "message", "role": "user", "content": items}]
+        user_text, done = "", 0
+        for item in reversed(items):
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") in TOOL_OUTPUTS:
+                done += 1
+            elif item.get("role") == "user":
+                content = item.get("content")
+                parts = content if isinstance(content, list) else [{"text": content}]
+                texts = [p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)
+                         and not p["text"].lstrip().startswith(("<", "#"))]
+                if texts:
+                    user_text = texts[-1]
+                    break
+        tools = {t.get("name", ""): t for t in body.get("tools") or [] if isinstance(t, dict)}
+        kind, reply = fake.script_step(user_text, done, list(tools))
+        model = body.get("model") or "fake-model"
+        prompt = fake.tokens_in(body)
+        cached, _ = fake.cache_split(prompt)
+        n = len(fake.requests) + 1
+        if kind == "tool_call":
+            role, name, target, text = reply
+            tool = tools[name]
+            if role == "write":
+                patch = f"*** Begin Patch\n*** Add File: {target}\n+{text}\n*** End Patch\n"
+                payload: Any = patch if tool.get("type") == "custom" else json.dumps({"input": patch})
+            elif name == "shell":
+                payload = json.dumps({"command": ["bash", "-lc", target]})
+            elif name == "exec_command":
+                args: dict[str, Any] = {"cmd": target}
+                if "sandbox_permissions" in json.dumps(tool.get("parameters") or {}):
+                    # Codex runs commands in its own read-only sandbox unless the model asks to
+                    # run one outside it, which it asks the user for (an ACP permission request)
+                    args.update(sandbox_permissions="require_escalated",
+                                justification="Run the command the user asked for")
+                payload = json.dumps(args)
+            else:
+                payload = json.dumps({"command": target})
+            if tool.get("type") == "custom":
+                item = {"id": f"ctc_{n}", "type": "custom_tool_call", "status": "completed",
+                        "call_id": f"call_{n}", "name": name, "input": payload}
+            else:
+                item = {"id": f"fc_{n}", "type": "function_call", "status": "completed",
+                        "call_id": f"call_{n}", "name": name, "arguments": payload}
+            completion = 3 + len(payload) // 4
+        else:
+            item = {"id": f"msg_{n}", "type": "message", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": reply, "annotations": []}]}
+            completion = len(_words(reply))
+        output_tokens = completion + REASONING_TOKENS
+        fake.record(Recorded(path, headers, body, kind,
+                             {"input": prompt, "output": output_tokens, "total": prompt + output_tokens,
+                              "thought": REASONING_TOKENS, "cached_read": cached, "cached_write": 0}))
+        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+                 "output_tokens": output_tokens,
+                 "output_tokens_details": {"reasoning_tokens": REASONING_TOKENS},
+                 "total_tokens": prompt + output_tokens}
+        response = {"id": f"resp_{n}", "object": "response", "created_at": 1, "status": "completed",
+                    "model": model, "output": [item], "usage": usage}
+        if not body.get("stream"):
+            self._json(200, response)
+            return
+        self._sse_start()
+        seq = iter(range(1000))
+        self._named_event("response.created", {"type": "response.created", "sequence_number": next(seq),
+                                               "response": {**response, "status": "in_progress",
+                                                            "output": [], "usage": None}})
+        if item["type"] == "message":
+            start = {**item, "status": "in_progress", "content": []}
+            self._named_event("response.output_item.added", {"type": "response.output_item.added",
+                                                             "sequence_number": next(seq), "output_index": 0,
+                                                             "item": start})
+            self._named_event("response.content_part.added", {
+                "type": "response.content_part.added", "sequence_number": next(seq), "item_id": item["id"],
+                "output_index": 0, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []}})
+            words = _words(reply)
+            for i, word in enumerate(words):
+                self._named_event("response.output_text.delta", {
+                    "type": "response.output_text.delta", "sequence_number": next(seq), "item_id": item["id"],
+                    "output_index": 0, "content_index": 0,
+                    "delta": word + (" " if i < len(words) - 1 else "")})
+            self._named_event("response.output_text.done", {
+                "type": "response.output_text.done", "sequence_number": next(seq), "item_id": item["id"],
+                "output_index": 0, "content_index": 0, "text": reply})
+        else:
+            self._named_event("response.output_item.added", {"type": "response.output_item.added",
+                                                             "sequence_number": next(seq), "output_index": 0,
+                                                             "item": {**item, "status": "in_progress"}})
+        self._named_event("response.output_item.done", {"type": "response.output_item.done",
+                                                        "sequence_number": next(seq), "output_index": 0,
+                                                        "item": item})
+        self._named_event("response.completed", {"type": "response.completed", "sequence_number": next(seq),
+                                                 "response": response})
+        self._sse_end()
 
 def _text_of(content: Any) -> str:
     """A message's text; of several parts (Qwen adds system reminders first), the last one."""

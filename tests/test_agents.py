@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_acp.agents import AgentConfigManager, AgentSpec
+from jupyter_acp.agents import AgentConfigManager, AgentSpec, builtin_specs, to_toml
 from jupyter_acp.errors import AgentNotFound, AgentUnavailable
 
 
@@ -106,3 +106,40 @@ def test_credentials_admin_defaults_and_user_override(no_real_agents):
     assert spec.credentials_env(merged) == {"OPENAI_API_KEY": "user-key", "OPENAI_MODEL": "qwen3-coder"}
     with pytest.raises(ValueError, match="Unknown credential field"):
         acm.credentials_for(spec, {"pwd": "x"})
+
+
+def test_codex_config_is_toml_and_its_endpoint_an_argument(tmp_path):
+    """Codex reads its provider from ``~/.codex/config.toml`` and has no base-URL variable: the
+    spec writes TOML, and ``{base_url}`` in its argv is the gateway's loopback URL, whose
+    ``{port}`` the relay fills in (``test_relay_fills_the_port_into_the_agents_arguments``)."""
+    import tomllib
+
+    spec = {s.name: s for s in builtin_specs()}["codex"].for_policy("ask")
+    spec.write_home(tmp_path)
+    config = tomllib.loads((tmp_path / ".codex" / "config.toml").read_text())
+    assert config["model_provider"] == "jacp"
+    assert config["model_providers"]["jacp"]["wire_api"] == "responses"
+    assert config["model_providers"]["jacp"]["env_key"] == "OPENAI_API_KEY"
+    assert (config["approval_policy"], config["sandbox_mode"]) == ("on-request", "read-only")
+    assert config["check_for_update_on_startup"] is False and config["analytics"] == {"enabled": False}
+    assert config["features"]["use_legacy_landlock"] is True  # no nested bwrap (refused in Docker)
+    argv = spec.argv(None, "http://127.0.0.1:{port}/v1")
+    assert 'model_providers.jacp.base_url="http://127.0.0.1:{port}/v1"' in argv
+    assert 'model="gpt-5.3-codex"' in argv
+
+
+def test_to_toml_round_trips():
+    import tomllib
+
+    data = {"a": 1, "b": "x \"q\" \\ y", "c": [True, 2.5], "t": {"u": {"v": False}, "w": "z"}}
+    assert tomllib.loads(to_toml(data)) == data
+
+
+def test_claude_is_kept_off_the_network_but_for_its_endpoint():
+    spec = {s.name: s for s in builtin_specs()}["claude"]
+    for name in ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "DISABLE_TELEMETRY", "DISABLE_AUTOUPDATER",
+                 "DISABLE_ERROR_REPORTING"):
+        assert spec.env[name] == "1"
+    assert spec.env["CLAUDE_CODE_ENABLE_PROMPT_SUGGESTION"] == "false"  # one hidden LLM call less
+    settings = spec.for_policy("deny").settings_files[".claude/settings.json"]
+    assert settings["permissions"] == {"defaultMode": "plan"}

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -206,6 +207,19 @@ async def test_relay_carries_a_request_from_loopback_to_the_socket(fake, gateway
     assert text == "Hello from the fake LLM. You said: via relay"
     assert int(pid) == proc.pid  # the relay exec'd the agent: same process, same stdio
     billed_equals_ledger(fake, acp_ledger)
+
+
+def test_relay_fills_the_port_into_the_agents_arguments(tmp_path):
+    """Codex takes its endpoint only as an argument: ``{port}`` is filled in there too."""
+    out = tmp_path / "argv"
+    code = "import sys, os; open(sys.argv[1], 'w').write(repr(sys.argv[2:]) + os.environ['BASE'])"
+    argv = [sys.executable, "-I", str(RELAY), "--socket", str(tmp_path / "none.sock"),
+            "--env", "BASE=http://127.0.0.1:{port}/v1", "--",
+            sys.executable, "-c", code, str(out), "-c", 'base_url="http://127.0.0.1:{port}/v1"']
+    subprocess.run(argv, check=True, timeout=30, env={"PATH": os.environ["PATH"]})
+    args, _, base = out.read_text().partition("]")
+    port = base.split(":")[2].split("/")[0]
+    assert port.isdigit() and f'base_url="http://127.0.0.1:{port}/v1"' in args
 
 
 @pytest.mark.sandbox

@@ -251,7 +251,7 @@ async def test_only_metered_endpoints_are_forwarded(service: Service) -> None:
     openai, _ = service.hub.signer.mint("bob", "sess-p", "qwen", 60)
     gemini, _ = service.hub.signer.mint("bob", "sess-p", "gem", 60)
     for method, path, token in (("POST", "files", openai), ("POST", "batches", openai),
-                                ("POST", "responses", openai), ("GET", "fine_tuning/jobs", openai),
+                                ("GET", "fine_tuning/jobs", openai),
                                 ("POST", "chat/completions/../../files", openai),
                                 ("POST", "v1beta/cachedContents", gemini),
                                 ("POST", "v1beta/models/g:embedContent", gemini)):

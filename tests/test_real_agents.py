@@ -1,12 +1,16 @@
-"""Real agents (Qwen Code, Gemini CLI from npm) end to end through UserSessionManager.
+"""Real agents (Qwen Code, Gemini CLI, Claude Code, Codex from npm) end to end through
+UserSessionManager.
 
-Each agent runs in a sandbox (bubblewrap: no network; and local) and reaches the fake LLM
-(``fake_llm.py``) only through the server's LLM gateway. A session streams a reply, writes a
-file in the workspace through ACP ``fs/write_text_file`` after a permission request the test
-answers, and the ledger's totals must equal the sum of the usage blocks the fake LLM billed.
-The executables come from ``scripts/agents`` (``make agents``); without them these tests skip,
-or fail when ``JUPYTER_ACP_REQUIRE_AGENTS=1`` (CI). Session-ready time and RSS are printed
-(``pytest -s``) for the record, never asserted.
+Each agent runs in a sandbox (bubblewrap: no network; Docker; and local for Qwen and Gemini)
+and reaches the fake LLM (``fake_llm.py``) only through the server's LLM gateway. A session
+streams a reply, writes a file in the workspace after a permission request the test answers
+(Qwen and Gemini through ACP ``fs/write_text_file``; Claude and Codex write themselves, inside
+the sandbox), Claude and Codex also run a command inside the sandbox (it dumps its environment
+into the workspace: no real key there), and the ledger must equal what the fake LLM billed —
+request by request, cached and reasoning tokens included. The executables come from
+``scripts/agents`` (``make agents``); without them these tests skip, or fail when
+``JUPYTER_ACP_REQUIRE_AGENTS=1`` (CI). Session-ready time and RSS are printed (``pytest -s``)
+for the record, never asserted.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import acp_require, acp_require_backend, wait_for
+from conftest import acp_require, acp_require_backend
 from fake_llm import TOOL_DONE_REPLY, FakeLLM
 
 from jupyter_acp.client import AcpClient
@@ -37,9 +41,14 @@ def agents_bin() -> str | None:
     return path if os.path.isdir(path) else None
 
 
+#: The executable of each agent, where it differs from the agent's name.
+EXECUTABLES = {"claude": "claude-agent-acp", "codex": "codex-acp"}
+
+
 def require_agent(name: str) -> str:
+    """The bin directory holding agent ``name``'s executable (skip or, in CI, fail without)."""
     directory = agents_bin()
-    found = shutil.which(name, path=directory) if directory else None
+    found = shutil.which(EXECUTABLES.get(name, name), path=directory) if directory else None
     acp_require("JUPYTER_ACP_REQUIRE_AGENTS", found is not None,
                 f"{name!r} is not installed; run scripts/agents (make agents)")
     assert directory is not None
@@ -110,17 +119,46 @@ def agent_pid(sandbox) -> int:
         client.close()
 
 
+async def answer_permissions(session, answered: list, stop: asyncio.Event) -> None:
+    """Answer every permission request "allow once", like a user clicking it, until ``stop``."""
+    while not stop.is_set():
+        for request_id, pending in list(session.pending.items()):
+            if request_id not in [a[0] for a in answered]:
+                answered.append((request_id, pending))
+                allow = next(o for o in pending.options if o.kind == "allow_once")
+                session.answer_permission(request_id, allow.option_id)
+        await asyncio.sleep(0.02)
+
+
+def ledger_rows(ledger, session_id: str) -> list[tuple[int, ...]]:
+    return sorted((r["input_tokens"], r["output_tokens"], r["thought_tokens"], r["cached_read_tokens"],
+                   r["cached_write_tokens"], r["total_tokens"]) for r in ledger.turns(session_id))
+
+
+def billed_rows(fake: FakeLLM) -> list[tuple[int, ...]]:
+    return sorted((b["input"], b["output"], b["thought"], b["cached_read"], b["cached_write"], b["total"])
+                  for b in fake.billed_requests())
+
+
 async def run_agent_session(acp_managers, fake: FakeLLM, backend: str, agent: str, creds: dict,
-                            fs_writes: list, mode: str | None, edit_existing: bool = False) -> None:
+                            fs_writes: list, mode: str | None, edit_existing: bool = False,
+                            run_command: bool = False) -> None:
+    """One session doing everything: a streamed reply, a file written after a permission
+    request, with ``run_command`` a command run inside the sandbox, the ledger compared with
+    the fake's bills request by request. Agents that use ACP ``fs/*`` (Qwen, Gemini) must have
+    written through it; the others (Claude, Codex) write inside the sandbox themselves."""
     bin_dir = require_agent(agent)
     manager = acp_managers(sandbox=backend, allow_unsandboxed=True)
     manager.agents.extra_paths = [bin_dir]
     manager.agents.credentials = {agent: creds}  # the admin's defaults; the real key stays here
+    if backend == "docker" and os.getuid() == 0:  # the agent's uid, as for a user's own workspace
+        os.chown(manager.root_dir, 1000, 1000)   # (a root-owned one is read-only to it)
     started = time.monotonic()
     session = await manager.create_user_session("alice", agent)
     ready = time.monotonic() - started
     assert session.state is SessionState.READY and session.sandbox.kind == backend
     assert session.metered_by_gateway and REAL_KEY not in str(session.sandbox_spec.env)
+    assert REAL_KEY not in str(session.sandbox_spec.argv)
     events: list[dict] = []
     session.subscribe(events.append)
 
@@ -133,40 +171,62 @@ async def run_agent_session(acp_managers, fake: FakeLLM, backend: str, agent: st
     assert len(chunks) > 1  # streamed, not one block
     rss = tree_rss(agent_pid(session.sandbox))
 
-    # 2. a tool call that writes a file, after a permission request answered by "the user"
-    if mode:
+    # 2. a tool call that writes a file, after a permission request answered by "the user";
+    #    then (run_command) a command inside the sandbox, also after a permission request
+    if mode:  # the admin's policy ("ask") already put it in the mode that asks
+        modes = session.stats()["modes"]
+        assert modes["currentModeId"] == mode
+        forbidden = {m["id"] for m in modes.get("forbiddenModes", [])}
+        assert forbidden & {"yolo", "bypassPermissions", "full-access", "auto", "auto-edit", "autoEdit"
+                            } and mode not in forbidden
         await session.set_mode(mode)
         assert session.stats()["modes"]["currentModeId"] == mode
     target = f"{session.sandbox.workspace_path}/hello.txt"
     if edit_existing:  # the user's file, which the agent rewrites
         (session.sandbox_spec.workspace / "hello.txt").write_text("old text\n")
-    turn = asyncio.ensure_future(manager.send_message(
-        "alice", session.id, f"please write {target} containing hi from {agent}"))
-    request_id = await wait_for(lambda: next(iter(session.pending), None), timeout=60)
-    pending = session.pending[request_id]
-    allow = next(o for o in pending.options if o.kind == "allow_once")
-    session.answer_permission(request_id, allow.option_id)
-    result = await asyncio.wait_for(turn, 60)
-    assert TOOL_DONE_REPLY in result.text
-    assert (session.sandbox_spec.workspace / "hello.txt").read_text() == f"hi from {agent}"
-    assert (target, f"hi from {agent}") in fs_writes  # through ACP, not behind the client's back
+    prompt = f"please write {target} containing hi from {agent}"
+    if run_command:
+        prompt += f", then run `env > {session.sandbox.workspace_path}/ran.txt`"
+    answered: list = []
+    stop = asyncio.Event()
+    answering = asyncio.ensure_future(answer_permissions(session, answered, stop))
+    try:
+        result = await asyncio.wait_for(manager.send_message("alice", session.id, prompt), 90)
+    finally:
+        stop.set()
+        await answering
+    assert TOOL_DONE_REPLY in result.text, result.text
+    assert (session.sandbox_spec.workspace / "hello.txt").read_text().strip() == f"hi from {agent}"
+    if not run_command:  # Qwen and Gemini write through ACP, not behind the client's back
+        assert (target, f"hi from {agent}") in fs_writes
     # Qwen announces the call (tool_call) before asking; Gemini asks first and only updates it
     updates = [e["data"] for e in events if e["type"] == "session_update"
                and e["data"]["sessionUpdate"] in ("tool_call", "tool_call_update")]
-    assert pending.tool_call["kind"] == "edit" and updates[-1]["status"] == "completed"
-    assert [e["data"]["outcome"] for e in events if e["type"] == "permission_resolved"] == ["selected"]
+    assert answered and answered[0][1].tool_call["kind"] == "edit"
+    assert updates[-1]["status"] == "completed"
+    outcomes = [e["data"]["outcome"] for e in events if e["type"] == "permission_resolved"]
+    assert outcomes == ["selected"] * len(answered)
+    if run_command:  # it ran inside the sandbox: its home, the dummy key, never the real one
+        env = (session.sandbox_spec.workspace / "ran.txt").read_text()
+        assert "HOME=/home/agent" in env and REAL_KEY not in env and "jacp-" in env
+        assert len(answered) == 2 and answered[1][1].tool_call["kind"] == "execute"
 
-    # 3. the ledger holds exactly what the endpoint billed, every request included
+    # 3. the ledger holds exactly what the endpoint billed, request by request
     billed = fake.billed()
     totals = manager.ledger.session_totals(session.id)
+    assert ledger_rows(manager.ledger, session.id) == billed_rows(fake)
     assert (totals["input_tokens"], totals["output_tokens"], totals["total_tokens"]) == \
         (billed["input"], billed["output"], billed["total"])
     assert billed["requests"] >= 3 and totals["turns"] == 2
     assert session.stats()["tokens"]["total_tokens"] == billed["total"]
-    assert all(r.headers.get("authorization", "").endswith(REAL_KEY) or r.headers.get("x-goog-api-key")
-               == REAL_KEY for r in fake.requests)
+    # only the LLM calls the fake knows (no unknown endpoint, e.g. telemetry, reached it)
+    assert {r.kind for r in fake.requests} <= {"text", "tool_call", "tool_done", "count_tokens"}
+    assert all(r.headers.get("authorization", "").endswith(REAL_KEY) or REAL_KEY in
+               (r.headers.get("x-goog-api-key"), r.headers.get("x-api-key")) for r in fake.requests)
     print(f"\n[{agent} in {backend}] session ready {ready:.2f} s, RSS after a turn "
-          f"{rss / 1024**2:.0f} MiB, {billed['requests']} LLM requests, {billed['total']} tokens")
+          f"{rss / 1024**2:.0f} MiB, {billed['requests']} LLM requests, {billed['total']} tokens "
+          f"(cached {billed['cached_read']} read / {billed['cached_write']} written, "
+          f"reasoning {billed['thought']})")
     await manager.delete_user_session("alice", session.id)
 
 
@@ -182,6 +242,25 @@ async def test_gemini_cli(acp_managers, fake, backend, fs_writes):
     # So its turn edits an existing file of the user's.
     await run_agent_session(acp_managers, fake, backend, "gemini", creds, fs_writes, mode="default",
                             edit_existing=True)
+
+
+@pytest.fixture(params=[pytest.param("bubblewrap", marks=pytest.mark.sandbox),
+                        pytest.param("docker", marks=pytest.mark.docker)])
+def isolated_backend(request: pytest.FixtureRequest) -> str:
+    acp_require_backend(request.param)
+    return request.param
+
+
+async def test_claude_code(acp_managers, fake, isolated_backend, fs_writes):
+    creds = {"api_key": REAL_KEY, "base_url": fake.url, "model": "claude-sonnet-4-5"}
+    await run_agent_session(acp_managers, fake, isolated_backend, "claude", creds, fs_writes,
+                            mode="default", run_command=True)
+
+
+async def test_codex(acp_managers, fake, isolated_backend, fs_writes):
+    creds = {"api_key": REAL_KEY, "base_url": fake.url + "/v1", "model": "gpt-5.3-codex"}
+    await run_agent_session(acp_managers, fake, isolated_backend, "codex", creds, fs_writes,
+                            mode="read-only", run_command=True)
 
 
 async def test_qwen_without_an_api_key_says_what_is_missing(acp_managers):

@@ -1,22 +1,31 @@
 """Read the token usage an LLM endpoint bills out of its responses, streamed or not.
 
 The gateway passes every response body through a ``UsageMeter`` while relaying it. The meter
-understands the three wire formats agents speak:
+understands the four wire formats the built-in agents speak:
 
-* OpenAI chat completions: a JSON body with ``usage {prompt_tokens, completion_tokens,
-  total_tokens, prompt_tokens_details.cached_tokens, completion_tokens_details.reasoning_tokens}``,
-  or SSE ``data:`` events where the last one carrying ``usage`` (sent when
-  ``stream_options.include_usage`` is set — the gateway sets it) holds the request's totals;
-* Gemini ``generateContent`` / ``streamGenerateContent``: ``usageMetadata {promptTokenCount,
-  candidatesTokenCount, thoughtsTokenCount, cachedContentTokenCount, totalTokenCount}``,
-  cumulative over a stream (the last one counts), as SSE, one JSON object or a JSON array;
-* Anthropic messages: ``usage`` on the JSON body, or ``message_start`` (input) and
-  ``message_delta`` (output, cumulative) events.
+* OpenAI chat completions (Qwen Code): a JSON body with ``usage {prompt_tokens,
+  completion_tokens, total_tokens, prompt_tokens_details.cached_tokens,
+  completion_tokens_details.reasoning_tokens}``, or SSE ``data:`` events where the last one
+  carrying ``usage`` (sent when ``stream_options.include_usage`` is set — the gateway sets it)
+  holds the request's totals;
+* OpenAI Responses (Codex): a JSON ``response`` object, or SSE events of which
+  ``response.completed`` (or ``response.incomplete`` / ``response.failed``, also billed) carries
+  the response with ``usage {input_tokens, input_tokens_details.cached_tokens, output_tokens,
+  output_tokens_details.reasoning_tokens, total_tokens}``;
+* Gemini ``generateContent`` / ``streamGenerateContent`` (Gemini CLI): ``usageMetadata
+  {promptTokenCount, candidatesTokenCount, thoughtsTokenCount, cachedContentTokenCount,
+  totalTokenCount}``, cumulative over a stream (the last one counts), as SSE, one JSON object or
+  a JSON array;
+* Anthropic Messages (Claude Code): ``usage`` on the JSON body, or ``message_start`` (input,
+  cache creation and cache read tokens, and the output so far) and ``message_delta`` events
+  (output, cumulative; recent API versions repeat the input counts there, cumulative too).
 
 The mapping is what the endpoint bills: ``input_tokens`` is the whole prompt (cached part
-included, also reported as ``cached_read_tokens``), ``output_tokens`` the whole completion
+included, also reported as ``cached_read_tokens``; for Anthropic, which bills cache reads and
+writes apart from ``input_tokens``, their sum), ``output_tokens`` the whole completion
 (reasoning included for OpenAI, reported apart as ``thought_tokens``), ``total_tokens`` the
-endpoint's own total when it gives one.
+endpoint's own total when it gives one. A response in none of these shapes yields ``None``:
+what the gateway does then is in ``endpoints.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +37,12 @@ from ..usage import (
     TurnUsage,
     _int,  # a count from an untrusted report: non-negative, 0 if unreadable
 )
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    """A details block, or {} when it is missing or not an object."""
+    return value if isinstance(value, dict) else {}
+
 
 #: Wire formats the gateway and the meter understand.
 APIS = ("openai", "gemini", "anthropic")
@@ -103,10 +118,16 @@ class UsageMeter:
         elif isinstance(obj.get("modelVersion"), str):
             self.model = obj["modelVersion"]
         if self.api == "openai":
+            if isinstance(obj.get("response"), dict) and str(obj.get("type", "")).startswith("response."):
+                obj = obj["response"]  # a Responses stream event: the response it carries
+                if isinstance(obj.get("model"), str):
+                    self.model = obj["model"]
             usage = obj.get("usage")
-            if isinstance(usage, dict):
-                details = usage.get("prompt_tokens_details") or {}
-                out_details = usage.get("completion_tokens_details") or {}
+            if isinstance(usage, dict) and ("input_tokens" in usage or "output_tokens" in usage):
+                self._observe_responses(usage)
+            elif isinstance(usage, dict):
+                details = _dict(usage.get("prompt_tokens_details"))
+                out_details = _dict(usage.get("completion_tokens_details"))
                 self._usage = {"input": _int(usage.get("prompt_tokens")),
                                "output": _int(usage.get("completion_tokens")),
                                "thought": _int(out_details.get("reasoning_tokens")),
@@ -123,10 +144,19 @@ class UsageMeter:
         else:
             self._observe_anthropic(obj)
 
+    def _observe_responses(self, usage: dict[str, Any]) -> None:
+        """OpenAI Responses ``usage``: input includes the cached part, output the reasoning."""
+        details = _dict(usage.get("input_tokens_details"))
+        out_details = _dict(usage.get("output_tokens_details"))
+        self._usage = {"input": _int(usage.get("input_tokens")), "output": _int(usage.get("output_tokens")),
+                       "thought": _int(out_details.get("reasoning_tokens")),
+                       "cached_read": _int(details.get("cached_tokens")), "cached_write": 0,
+                       "total": _int(usage.get("total_tokens"))}
+
     def _observe_anthropic(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
         if kind == "message_start" and isinstance(obj.get("message"), dict):
-            usage = obj["message"].get("usage") or {}
+            usage = _dict(obj["message"].get("usage"))
             if isinstance(obj["message"].get("model"), str):
                 self.model = obj["message"]["model"]
             self._anthropic.update(input=_int(usage.get("input_tokens")),
@@ -134,7 +164,12 @@ class UsageMeter:
                                    cached_read=_int(usage.get("cache_read_input_tokens")),
                                    cached_write=_int(usage.get("cache_creation_input_tokens")))
         elif kind == "message_delta" and isinstance(obj.get("usage"), dict):
-            self._anthropic["output"] = _int(obj["usage"].get("output_tokens"))
+            usage = obj["usage"]  # cumulative: a count given here replaces message_start's
+            self._anthropic["output"] = _int(usage.get("output_tokens"))
+            for key, name in (("input", "input_tokens"), ("cached_read", "cache_read_input_tokens"),
+                              ("cached_write", "cache_creation_input_tokens")):
+                if usage.get(name) is not None:
+                    self._anthropic[key] = _int(usage.get(name))
         elif kind == "message" and isinstance(obj.get("usage"), dict):
             usage = obj["usage"]
             self._anthropic = {"input": _int(usage.get("input_tokens")),

@@ -44,9 +44,9 @@ def plan_launch(gateway: LlmGateway, spec: AgentSpec, creds: dict[str, str], adm
     """The launch of ``spec``; opens a gateway route when one is used (the caller closes it).
     ``gateway_target``: where the sandbox shows the route's socket directory (the backend's
     ``gateway_target``; None: at its host path, and then it is one of the writable paths)."""
-    argv = spec.argv(creds.get("model"))
     ro_paths = spec.runtime_ro_paths()
     if not uses_gateway(gateway, spec, creds):
+        argv = spec.argv(creds.get("model"), creds.get("base_url") or spec.default_base_url)
         return Launch(argv=argv, credentials=dict(creds), ro_paths=ro_paths)
     assert spec.llm_api is not None
     upstream = creds.get("base_url") or DEFAULT_UPSTREAMS[spec.llm_api]
@@ -57,6 +57,7 @@ def plan_launch(gateway: LlmGateway, spec: AgentSpec, creds: dict[str, str], adm
                                on_refused=on_refused)
     visible = {k: v for k, v in creds.items() if k not in ("api_key", "base_url")}
     env = {spec.credential_env["api_key"]: route.dummy_key}
+    argv = spec.argv(creds.get("model"), route.agent_base_url)  # the relay fills in {port}
     argv = gateway.relay_argv(route, argv, {spec.credential_env["base_url"]: route.agent_base_url},
                               socket_dir=gateway_target)
     relay_ro, relay_rw = gateway.sandbox_paths(route)

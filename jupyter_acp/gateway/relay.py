@@ -8,7 +8,8 @@ Run *inside* the sandbox, in front of the agent (stdlib only, so any ``python3``
 It binds a free port on the sandbox's own loopback (bubblewrap ``--unshare-net`` and Docker
 ``network=none`` both keep a private ``lo``), forks a child that relays each connection byte for
 byte to the gateway's unix socket (the only way out: the sandbox has no network), puts the port
-into the environment variables given with ``--env`` (``{port}`` is replaced), and then *execs*
+into the environment variables given with ``--env`` and into the agent's arguments (``{port}``
+is replaced: Codex takes its endpoint only as an argument), and then *execs*
 the agent — so the agent keeps the sandbox's stdin/stdout (its ACP stdio) and its pid. The
 listening socket exists before the agent starts, so its first request cannot race the relay.
 The child holds no stdio of the agent and exits when the agent (its parent) is gone.
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.env:
         name, _, value = item.partition("=")
         env[name] = value.replace("{port}", str(port))
+    command = [command[0], *(arg.replace("{port}", str(port)) for arg in command[1:])]
     try:
         os.execvpe(command[0], command, env)
     except OSError as e:

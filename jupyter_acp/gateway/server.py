@@ -56,6 +56,7 @@ from traitlets.config import LoggingConfigurable
 from ..errors import BadRequest, QuotaExceeded
 from ..refusals import RefusalLog
 from ..usage import TurnUsage
+from .endpoints import UNMETERED_SOURCE, endpoint_kind, estimate
 from .meter import APIS, UsageMeter
 
 log = logging.getLogger("jupyter_acp.gateway")
@@ -345,9 +346,17 @@ class ProxyHandler(web.RequestHandler):
             self._fail(404, f"Unknown path {full!r}: the LLM API is under {prefix}", "not_found")
             return
         query = [(k, v) for k, v in parse_qsl(self.request.query, keep_blank_values=True) if k != "key"]
-        url = route.upstream + full[len(prefix):] + (f"?{urlencode(query)}" if query else "")
+        relative = full[len(prefix):]
+        url = route.upstream + relative + (f"?{urlencode(query)}" if query else "")
         if not url.startswith(route.upstream):  # defence in depth: never another host
             self._fail(403, "That endpoint is not allowed", "forbidden")
+            return
+        kind = endpoint_kind(route.api, self.request.method or "", relative)
+        if kind is None:  # its usage could not be metered: never forwarded (see endpoints.py)
+            self._refusals().warning("LLM gateway: refused %s %s, an endpoint it cannot meter",
+                                     self.request.method, full[:200])
+            self._fail(404, f"The LLM gateway does not forward {self.request.method} {full[:200]}: "
+                       "it cannot meter that endpoint's usage", "not_found")
             return
         try:
             await _settle(route.check_quota())
@@ -361,7 +370,7 @@ class ProxyHandler(web.RequestHandler):
                     log.exception("LLM gateway: could not end the refused turn of session %s",
                                   route.session_id)
             return
-        body = self._body(self.request.body)
+        body = self._body(self.request.body, relative)
         headers = httputil.HTTPHeaders()
         for name, value in self.request.headers.get_all():
             if name.lower() not in _DROP_REQUEST:
@@ -375,7 +384,11 @@ class ProxyHandler(web.RequestHandler):
         meter = UsageMeter(route.api)
         route.requests += 1
 
+        received = 0
+
         def on_chunk(chunk: bytes) -> None:
+            nonlocal received
+            received += len(chunk)
             meter.feed(chunk)
             if self._quota_body is not None and len(self._quota_body) < MAX_REFUSAL_BYTES:
                 self._quota_body += chunk
@@ -400,6 +413,9 @@ class ProxyHandler(web.RequestHandler):
                 self.finish()
             return
         usage = meter.result()
+        if usage is None and kind == "billed" and 200 <= response.code < 300:
+            await self._unmetered(estimate(len(body), received, meter.model), full)
+            return
         if usage is not None and usage.total_tokens:
             try:
                 await _settle(route.on_usage(usage))
@@ -415,9 +431,41 @@ class ProxyHandler(web.RequestHandler):
         if not self._finished:
             self.finish()
 
-    def _body(self, raw: bytes) -> bytes:
-        """Ask OpenAI-compatible endpoints for the usage of a streamed answer."""
-        if self.route.api != "openai" or not raw:
+    def _refusals(self) -> RefusalLog:
+        """The route's rate-limited log of refusals (an agent may send thousands)."""
+        server = self.route._server
+        if isinstance(server, _BoundedHTTPServer):
+            if server.refusals is None:
+                server.refusals = RefusalLog(self.route.session_id, logger=log)
+            return server.refusals
+        return RefusalLog(self.route.session_id, logger=log)
+
+    async def _unmetered(self, usage: TurnUsage, full: str) -> None:
+        """A billed response without readable usage: record the flagged estimate, and do not
+        deliver the response's end (``endpoints.py`` says why)."""
+        route = self.route
+        self._refusals().warning("LLM gateway: no usage in the response to %s; recorded an estimate "
+                                 "(%d tokens, source %s) and cut the response", full[:200],
+                                 usage.total_tokens, UNMETERED_SOURCE)
+        try:
+            await _settle(route.on_usage(usage))
+        except Exception:
+            log.exception("LLM gateway: could not record usage of session %s", route.session_id)
+        self._held = None
+        if not self._headers_written:
+            self._fail(502, "The LLM endpoint's response carried no usage the gateway could meter",
+                       "bad_gateway")
+            return
+        connection = self.request.connection
+        stream = getattr(connection, "stream", None)
+        if stream is not None:
+            stream.close()  # an incomplete body: the agent sees a failed request
+        self._finished = True  # nothing more may be written (tornado would finish the response)
+
+    def _body(self, raw: bytes, relative: str) -> bytes:
+        """Ask OpenAI chat-completions endpoints for the usage of a streamed answer (the
+        Responses API always reports it, and refuses the option)."""
+        if self.route.api != "openai" or relative != "/chat/completions" or not raw:
             return raw
         try:
             data = json.loads(raw)

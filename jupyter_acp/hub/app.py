@@ -40,7 +40,7 @@ from ..gateway import LlmGateway
 from ..usage import UsageLedger
 from .admin import AdminCsvHandler, AdminHandler, OAuthCallbackHandler
 from .api import GatewayTokenHandler, GatewayTokensHandler, QuotaHandler, UsageHandler
-from .gateway import DEFAULT_PATHS, HubGatewayHandler, ServiceGateway, compile_paths, drain
+from .gateway import HubGatewayHandler, ServiceGateway, compile_paths, drain
 from .policy import HubCredentials, QuotaPolicy
 from .tokens import TokenSigner, load_secret
 
@@ -179,10 +179,11 @@ class AcpHub(Application):
 
     gateway_paths = Dict(
         key_trait=Unicode(), value_trait=List(Unicode()),
-        help="""The endpoints the gateway forwards, per API: ``"METHOD regex"`` matched against
-        the path below the API's base URL, e.g. ``{"openai": ["POST /chat/completions", ...]}``.
-        An API named here replaces its default list. Add only endpoints whose usage the meter
-        reads (or that cost nothing): anything else is used with your key unmetered.""",
+        help="""Narrows, per API, the endpoints the gateway forwards: ``"METHOD regex"`` matched
+        against the path below the API's base URL, e.g. ``{"openai": ["POST /chat/completions"]}``
+        forbids the Responses API. Whatever is listed, only endpoints whose usage the gateway
+        meters (or that cost nothing) are forwarded (``jupyter_acp/gateway/endpoints.py``).
+        Empty: all of those.""",
     ).tag(config=True)
 
     max_requests_per_user = Integer(
@@ -233,7 +234,7 @@ class AcpHub(Application):
         self.ledger = UsageLedger(parent=self, db_url=self.db_url)
         _ = self.ledger.engine  # connect and migrate now: a wrong db_url fails at start
         self.gateway = ServiceGateway(parent=self)
-        self.gateway_patterns = compile_paths({**DEFAULT_PATHS, **self.gateway_paths})
+        self.gateway_patterns = compile_paths(self.gateway_paths)
         auth_kwargs: dict[str, Any] = {"base_url": self.base_url}
         auth_config = self.config.get("HubOAuth", {})
         if "cache_max_age" not in auth_config:

@@ -8,10 +8,11 @@ request's ``GatewayRoute`` from the token's claims — the user and the session 
 token only — with the real key and the upstream of the token's agent. Everything after that is
 the reused ``ProxyHandler``: forwarding, streaming, metering, error shapes.
 
-Paths: only the API's metered endpoints are forwarded (``DEFAULT_PATHS``, the admin's
-``c.AcpHub.gateway_paths``). The real key would open every endpoint of the account — files,
-batches, fine-tuning, the Responses API — whose cost the meter does not read; a user, who holds
-the gateway token their server holds, must not reach them with the admin's key.
+Paths: only the endpoints whose usage the meter reads, or that cost nothing, are forwarded — the
+rule of every gateway route (``gateway/endpoints.py``, applied by ``ProxyHandler``); the admin's
+``c.AcpHub.gateway_paths`` can narrow that per API. The real key would open every endpoint of
+the account — files, batches, fine-tuning — whose cost the meter does not read; a user, who
+holds the gateway token their server holds, must not reach them with the admin's key.
 
 Quota: ``check_quota`` is an *admission* in the ledger (``UsageLedger.aadmit``): a lease that
 reserves ``request_reserve_tokens`` for the request, granted in one database transaction per
@@ -66,18 +67,6 @@ async def drain(timeout: float) -> int:
     if _releases:
         await asyncio.wait(list(_releases), timeout=max(1.0, deadline - time.monotonic()))
     return left
-
-#: ``METHOD path-regex`` the gateway forwards, per API; the path is the API's below its base URL
-#: (OpenAI's base ends in ``/v1``). Each is an endpoint whose usage ``UsageMeter`` reads, or a
-#: free one (model lists, token counts).
-DEFAULT_PATHS: dict[str, list[str]] = {
-    "openai": [r"POST /chat/completions", r"POST /completions", r"POST /embeddings",
-               r"GET /models(/[^/]+)?"],
-    "gemini": [r"POST /v1(alpha|beta)?/models/[^/:]+:(generateContent|streamGenerateContent|countTokens)",
-               r"GET /v1(alpha|beta)?/models(/[^/:]+)?"],
-    "anthropic": [r"POST /v1/messages", r"POST /v1/messages/count_tokens", r"GET /v1/models(/[^/]+)?"],
-}
-
 
 def compile_paths(paths: Mapping[str, Iterable[str]]) -> dict[str, list[re.Pattern[str]]]:
     """``{api: ["METHOD regex", ...]}`` as patterns matched against ``"METHOD /path"``."""
@@ -166,8 +155,8 @@ class HubGatewayHandler(ProxyHandler):
                               "admin finds why in the service's log", "service_unavailable")
             return
         path = "/" + (self.path_args[0] if self.path_args else "")
-        rules = self.hub.gateway_patterns.get(spec["api"], [])
-        if not any(rule.fullmatch(f"{self.request.method} {path}") for rule in rules):
+        rules = self.hub.gateway_patterns.get(spec["api"])  # (None: endpoints.py's alone)
+        if rules is not None and not any(rule.fullmatch(f"{self.request.method} {path}") for rule in rules):
             log.warning("Gateway: refused %s %s of %s (not an endpoint the gateway forwards)",
                         self.request.method, path[:200], claims.user)
             self._refuse(404, f"{self.request.method} {path[:200]} is not available through the "
