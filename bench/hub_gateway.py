@@ -44,7 +44,7 @@ from fake_llm import FakeLLM
 
 from jupyter_acp.gateway import LlmGateway
 from jupyter_acp.hub.tokens import TokenSigner, load_secret
-from jupyter_acp.testing import stop_process
+from jupyter_acp.testing import dechunk, stop_process
 from jupyter_acp.usage import TurnUsage, UsageLedger
 
 REAL_KEY = "sk-bench-real-key-0000000000"
@@ -71,18 +71,7 @@ async def request(connect: object, path: str, key: str) -> tuple[float, float, b
     status = data.split(b" ", 2)[1]
     if status != b"200":
         raise RuntimeError(f"HTTP {status.decode()}: {data[-500:]!r}")
-    return (first or t1) - t0, t1 - t0, _dechunk(data.partition(b"\r\n\r\n")[2])
-
-
-def _dechunk(payload: bytes) -> bytes:
-    out = b""
-    while payload:
-        size_line, _, payload = payload.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            break
-        out, payload = out + payload[:size], payload[size + 2:]
-    return out
+    return (first or t1) - t0, t1 - t0, dechunk(data.partition(b"\r\n\r\n")[2])
 
 
 def _text(body: bytes) -> str:

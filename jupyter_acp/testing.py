@@ -43,3 +43,16 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 20) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def dechunk(payload: bytes) -> bytes:
+    """The body of an HTTP/1.1 response sent with ``Transfer-Encoding: chunked`` (tests and
+    benchmarks that speak raw HTTP over the gateway's unix socket)."""
+    out = b""
+    while payload:
+        size_line, _, payload = payload.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out, payload = out + payload[:size], payload[size + 2:]
+    return out

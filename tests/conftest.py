@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_llm import FakeLLM
 
+from jupyter_acp.gateway import LlmGateway
 from jupyter_acp.manager import UserSessionManager
 from jupyter_acp.session import AgentSession
 from jupyter_acp.usage import UsageLedger
@@ -51,6 +53,35 @@ def jp_asyncio_loop(_function_scoped_runner: Any) -> asyncio.AbstractEventLoop:
     (pytest-jupyter's own fixture makes a second loop that nothing runs while a test awaits.)
     """
     return _function_scoped_runner.get_loop()
+
+
+@pytest.fixture
+def jp_fetch(jp_fetch: Callable[..., Any]) -> Callable[..., Any]:
+    """pytest-jupyter's ``jp_fetch`` with a 120 s request timeout instead of 20 s. ``make test``
+    runs two test processes on the machine's cores, and while the other one floods a server
+    with agents, starting one agent here can take longer than 20 s: a slow answer is not a
+    wrong one. A request that never ends still fails the test (pytest-timeout)."""
+    def fetch(*parts: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("request_timeout", 120)
+        return jp_fetch(*parts, **kwargs)
+
+    return fetch
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeLLM]:
+    """The local fake LLM endpoint (``fake_llm.py``: OpenAI, Gemini, Anthropic, Responses) on
+    127.0.0.1, what every agent's LLM calls reach in the tests (through the gateway)."""
+    with FakeLLM() as server:
+        yield server
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[LlmGateway]:
+    """An LLM gateway of its own (routes opened by the test; closed after it)."""
+    gw = LlmGateway()
+    yield gw
+    gw.close()
 
 
 @pytest.fixture

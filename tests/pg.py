@@ -22,11 +22,14 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import acp_require
+
+from jupyter_acp.usage import UsageLedger
 
 
 class Postgres:
@@ -139,3 +142,30 @@ def pg_cluster_fixture() -> Iterator[Postgres]:
 def pg_database_fixture(pg_cluster: Postgres) -> str:
     """The URL of a new, empty database of the module's cluster."""
     return pg_cluster.create_database()
+
+
+@pytest.fixture(name="db_url", params=["sqlite", "postgresql"])
+def db_url_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty ledger database: a SQLite file, or a database of the module's PostgreSQL cluster
+    (each test that takes it runs on both)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger' / 'usage.sqlite'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(name="ledgers")
+def ledgers_fixture(tmp_path: Path) -> Iterator[Callable[..., UsageLedger]]:
+    """``make(url, **traits)`` → a connected (so migrated) ledger with a spool of its own: one
+    "server" of the ledger; closed after the test."""
+    made: list[UsageLedger] = []
+
+    def make(url: str, **traits: Any) -> UsageLedger:
+        ledger = UsageLedger(db_url=url, spool_path=str(tmp_path / "spool" / f"{len(made)}.spool"),
+                             **traits)
+        made.append(ledger)
+        ledger.engine  # noqa: B018 (connects: migrates)
+        return ledger
+
+    yield make
+    for ledger in made:
+        ledger.close()

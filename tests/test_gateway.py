@@ -24,6 +24,7 @@ from jupyter_acp.errors import BadRequest
 from jupyter_acp.gateway import LlmGateway, UsageMeter
 from jupyter_acp.gateway.server import RELAY
 from jupyter_acp.sandbox.bubblewrap import BubblewrapSandbox
+from jupyter_acp.testing import dechunk
 from jupyter_acp.usage import TurnUsage, UsageLedger
 
 REAL_KEY = "sk-real-never-in-the-sandbox-4242"
@@ -42,19 +43,6 @@ req = u.Request(os.environ["BASE"] + "/chat/completions", data=body,
                 headers={"Authorization": "Bearer " + os.environ["KEY"], "Content-Type": "application/json"})
 print(json.load(u.urlopen(req))["choices"][0]["message"]["content"], os.getpid())
 """
-
-
-@pytest.fixture
-def fake():
-    with FakeLLM() as server:
-        yield server
-
-
-@pytest.fixture
-async def gateway():
-    gw = LlmGateway()
-    yield gw
-    gw.close()
 
 
 def open_route(gateway: LlmGateway, ledger: UsageLedger, upstream: str, api: str = "openai"):
@@ -83,14 +71,7 @@ async def http(socket_path: str, method: str, path: str, headers: dict[str, str]
     status = int(lines[0].split()[1])
     hdrs = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     if hdrs.get("transfer-encoding") == "chunked":
-        out = b""
-        while payload:
-            size_line, _, payload = payload.partition(b"\r\n")
-            size = int(size_line, 16)
-            if size == 0:
-                break
-            out, payload = out + payload[:size], payload[size + 2:]
-        payload = out
+        payload = dechunk(payload)
     return status, hdrs, payload
 
 

@@ -39,12 +39,6 @@ POLICY_MODES = {
 
 
 @pytest.fixture
-def fake():
-    with FakeLLM() as server:
-        yield server
-
-
-@pytest.fixture
 def set_mode_calls(monkeypatch):
     """Every ``session/set_mode`` the server sends to an agent (a spy: the real call still runs)."""
     calls: list[str] = []

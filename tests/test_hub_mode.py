@@ -185,12 +185,6 @@ class HubStandIn:
 
 
 @pytest.fixture
-def fake() -> Any:
-    with FakeLLM() as server:
-        yield server
-
-
-@pytest.fixture
 def hub(fake: FakeLLM) -> Any:
     stand_in = HubStandIn(fake.url).start()
     yield stand_in

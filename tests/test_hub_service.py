@@ -43,12 +43,6 @@ from jupyter_acp.usage import TurnUsage
 
 
 @pytest.fixture
-def fake():
-    with FakeLLM() as server:
-        yield server
-
-
-@pytest.fixture
 async def service(tmp_path, fake, monkeypatch):
     monkeypatch.setenv("ACP_TEST_GEMINI_KEY", GEMINI_KEY)
     fake_hub = FakeHub()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from pg import pg_cluster_fixture, pg_database_fixture  # noqa: F401 (fixtures)
+from pg import db_url_fixture, ledgers_fixture, pg_cluster_fixture, pg_database_fixture  # noqa: F401
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -78,31 +77,6 @@ def old_row(n: int, **extra: Any) -> dict[str, Any]:
             **dict.fromkeys(TOKENS, 0), "total_tokens": 10 * n, "input_tokens": 10 * n, "cost": 0.0,
             "currency": None, "source": "prompt_response", "started_at": now, "ended_at": now,
             "day": time.strftime("%Y-%m-%d", time.gmtime(now)), **extra}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database: a SQLite file, or a database of the module's PostgreSQL cluster."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger' / 'usage.sqlite'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
-@pytest.fixture
-def ledgers(tmp_path: Path) -> Iterator[Callable[..., UsageLedger]]:
-    """``make(url)`` → a connected ledger (closed after the test)."""
-    made: list[UsageLedger] = []
-
-    def make(url: str, **traits: Any) -> UsageLedger:
-        ledger = UsageLedger(db_url=url, spool_path=str(tmp_path / "spool" / f"{len(made)}.spool"),
-                             **traits)
-        made.append(ledger)
-        ledger.engine  # noqa: B018 (connects: migrates)
-        return ledger
-
-    yield make
-    for ledger in made:
-        ledger.close()
 
 
 def plain_engine(url: str) -> Engine:

@@ -18,7 +18,7 @@ import pytest
 from fake_llm import FakeLLM
 from test_gateway import REAL_KEY, http, open_route
 
-from jupyter_acp.gateway import LlmGateway, UsageMeter
+from jupyter_acp.gateway import UsageMeter
 from jupyter_acp.gateway.endpoints import UNMETERED_SOURCE, endpoint_kind, estimate
 from jupyter_acp.usage import TurnUsage, UsageLedger
 
@@ -138,19 +138,6 @@ def test_estimate_is_flagged():
 
 
 # -- through the gateway, against the fake LLM -----------------------------------------------------
-@pytest.fixture
-def fake():
-    with FakeLLM() as server:
-        yield server
-
-
-@pytest.fixture
-async def gateway():
-    gw = LlmGateway()
-    yield gw
-    gw.close()
-
-
 def ledger_equals_billed(fake: FakeLLM, ledger: UsageLedger) -> None:
     """Request by request: the ledger's records are the fake's bills, cached and reasoning too."""
     records = [(r["input_tokens"], r["output_tokens"], r["thought_tokens"], r["cached_read_tokens"],

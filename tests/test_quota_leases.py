@@ -14,12 +14,18 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pg import Postgres, pg_cluster_fixture, pg_database_fixture, postgres_fixture  # noqa: F401
+from pg import (  # noqa: F401 (fixtures)
+    Postgres,
+    db_url_fixture,
+    ledgers_fixture,
+    pg_cluster_fixture,
+    pg_database_fixture,
+    postgres_fixture,
+)
 from sqlalchemy import select
 from test_ledger_faults import LockHolder
 
@@ -29,30 +35,6 @@ from jupyter_acp.usage import QuotaUnavailable, TurnUsage, UsageLedger, leases_t
 pytestmark = pytest.mark.timeout(120)
 
 WHO = {"user": "alice", "session_id": "s1", "agent": "demo"}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger' / 'usage.sqlite'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
-@pytest.fixture
-def ledgers(tmp_path: Path) -> Iterator[Callable[..., UsageLedger]]:
-    """``make(url, **traits)`` → a connected ledger with a spool of its own (one "server")."""
-    made: list[UsageLedger] = []
-
-    def make(url: str, **traits: Any) -> UsageLedger:
-        ledger = UsageLedger(db_url=url, spool_path=str(tmp_path / "spool" / f"{len(made)}.spool"),
-                             **traits)
-        made.append(ledger)
-        ledger.engine  # noqa: B018
-        return ledger
-
-    yield make
-    for ledger in made:
-        ledger.close()
 
 
 def use(ledger: UsageLedger, lease: str, tokens: int, **who: Any) -> None:

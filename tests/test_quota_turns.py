@@ -145,12 +145,6 @@ os.rename(out + ".tmp", out)
 '''
 
 
-@pytest.fixture
-def fake():
-    with FakeLLM() as server:
-        yield server
-
-
 def spend_all_but(ledger: UsageLedger, user: str, left: int) -> int:
     """Record earlier usage so that ``user`` has ``left`` tokens of the quota; returns it used."""
     used = ledger.max_tokens_per_user_per_day - left

@@ -63,12 +63,6 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def fake():
-    with FakeLLM() as server:
-        yield server
-
-
-@pytest.fixture
 def fs_writes(monkeypatch):
     """Every ACP fs/write_text_file the agents send (a spy: the real method still runs)."""
     calls: list[tuple[str, str]] = []

@@ -44,12 +44,6 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def fake() -> Any:
-    with FakeLLM() as server:
-        yield server
-
-
-@pytest.fixture
 def jp_server_config(tmp_path: Path, fake: FakeLLM, agent: str, backend: str) -> Config:
     bin_dir = require_agent(agent)
     suffix, model, _ = AGENTS[agent]
