@@ -44,12 +44,12 @@ from .errors import (
     BadRequest,
     HubRefused,
     HubUnavailable,
-    QuotaExceeded,
     UserCredentialsRefused,
 )
 from .gateway.meter import APIS
 from .logredact import register
 from .usage import LiveTotals, QuotaUnavailable, RecordOutcome, TurnUsage, utc_day
+from .usage.admission import used_up
 from .usage.schema import COUNTS
 
 log = logging.getLogger("jupyter_acp.hub")
@@ -276,9 +276,7 @@ class HubClient:
                                    "token quota cannot be checked; try again in a minute") from None
         remaining, limit = quota.get("remaining"), quota.get("limit")
         if isinstance(remaining, int | float) and remaining <= 0:
-            used = quota.get("used_today")
-            raise QuotaExceeded(f"Daily token quota used up: {used} of {limit} tokens today (UTC); "
-                                "it renews at midnight UTC")
+            raise used_up(int(quota.get("used_today") or 0), int(limit or 0))
 
     async def usage(self, by: str, user: str | None = None) -> list[dict[str, Any]]:
         """``GET api/usage?by=…`` as rows (the service answers a list, or ``{"rows": [...]}``)."""
