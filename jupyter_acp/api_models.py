@@ -120,6 +120,10 @@ class NewSession(Body):
                                             "capabilities": "capabilities must be a list of strings"}
 
 
+#: Images one prompt may carry (prompt_content.MAX_IMAGES: the same bound, checked again there).
+MAX_IMAGES = 4
+
+
 class Prompt(Body):
     """``POST sessions/{id}/messages`` and the ``chat:message`` frame: a prompt, not blank, within
     the server's ``max_message_bytes`` (``parse``'s context; larger is a 413)."""
@@ -137,6 +141,37 @@ class Prompt(Body):
         if cap and len(message.encode("utf-8", "surrogatepass")) > cap:
             raise AcpError(f"The message is larger than {cap} bytes", status=413)  # (not wrapped)
         return message
+
+
+class ImageIn(Body):
+    """An image of a prompt (pasted or dropped in the sidebar): checked in prompt_content.py."""
+
+    mime_type: Annotated[str, StringConstraints(strict=True, max_length=64)]
+    #: base64 of at most prompt_content.MAX_IMAGE_BYTES (3 MiB) decoded
+    data: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=4 * 1024 * 1024)]
+
+
+class PromptWithImages(Prompt):
+    """A prompt that may carry images (``images``: at most ``MAX_IMAGES``)."""
+
+    images: Annotated[list[ImageIn], Field(max_length=MAX_IMAGES)] | None = None
+
+    items: ClassVar[dict[str, str]] = {"images": "An image"}
+    item_types: ClassVar[dict[str, str]] = {"images": "images must be a list of objects"}
+
+
+class ModelChange(Body):
+    """``POST sessions/{id}/model``: one of the session's ``models.available`` values."""
+
+    model: Id
+
+
+class Resume(Body):
+    """``POST sessions/{id}/resume``: the user's own credentials, if the session used some
+    (they are never stored)."""
+
+    model_config = ConfigDict(extra="forbid")
+    credentials: Credentials | None = None
 
 
 class PermissionAnswer(Body):

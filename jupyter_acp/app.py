@@ -31,6 +31,7 @@ from .hubclient import HUB_TOKEN_ENV, SERVICE_URL_ENV, HubClient, HubConfigError
 from .limits import return_large_blocks_to_the_os
 from .manager import UserSessionManager
 from .sandbox.bubblewrap import BubblewrapSettings
+from .session_store import SessionStore
 from .usage import UsageLedger
 
 # Credentials never reach a log line from here on (see ``logredact``). jupyter_server imports
@@ -64,7 +65,8 @@ class AcpExtension(ExtensionApp):
     description = __doc__
     version = __version__
     load_other_extensions = True
-    classes = [UserSessionManager, AgentConfigManager, UsageLedger, LlmGateway, *_sandbox_classes()]
+    classes = [UserSessionManager, AgentConfigManager, UsageLedger, SessionStore, LlmGateway,
+               *_sandbox_classes()]
 
     admin_users = List(
         Unicode(),

@@ -119,6 +119,12 @@ class ModeNotAllowed(AcpError):
     status = 403
 
 
+class ModelNotAllowed(AcpError):
+    """The model asked for is not in the admin's ``allowed_models`` for this agent."""
+
+    status = 403
+
+
 class HubUnavailable(AcpError):
     """Hub mode: the JupyterHub service of jupyter-acp cannot be reached, or answered with a
     server error. Agents that need it (an LLM through the service) do not start meanwhile."""

@@ -91,6 +91,23 @@ class EventHistory:
         """The kept events with ``seq > since``, as the API shows them (wire type names)."""
         return [json.loads(p) for p in self.payloads(since)]
 
+    def restore(self, events: list[tuple[int, str]], last_seq: int = 0) -> None:
+        """Start from a stored history (a resumed session, ``session_store.py``): its events,
+        numbered as they were, and the next event numbered after the last (after ``last_seq``
+        when none is kept). Only the consecutive run of events ending at the last is kept
+        (``payloads`` counts on it)."""
+        self._log.clear()
+        self._log_bytes = 0
+        self.seq = events[-1][0] if events else max(last_seq, self.seq)
+        tail: list[str] = []
+        for seq, payload in reversed(events):
+            if seq != self.seq - len(tail):
+                break
+            tail.append(payload)
+        for payload in reversed(tail):
+            self._keep(payload)
+        self._last_payload = tail[0] if tail else ""
+
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Receive every event from now on (an event dict, internal type name); the history
         (``payloads``/``events``) holds what came before."""

@@ -43,6 +43,8 @@ from .sandbox import backend
 from .sandbox.base import SYSTEM_PATH, Sandbox, SandboxBackend, SandboxSpec
 from .sandbox.remote import RemoteAgent
 from .session import AgentSession, SessionOptions, SessionState, TurnResult
+from .session_store import StoredSession
+from .stored_sessions import StoredSessions
 from .usage import TurnUsage, UsageLedger
 from .usernames import safe_username
 from .workspace_fs import NAME_MAX, PATH_MAX
@@ -50,7 +52,7 @@ from .workspace_fs import NAME_MAX, PATH_MAX
 #: Backends tried, best first, when the admin leaves ``sandbox`` empty.
 BACKEND_PREFERENCE = ("docker", "bubblewrap", "local")
 
-class UserSessionManager(SessionLimits):
+class UserSessionManager(SessionLimits, StoredSessions):
     """Holds the live agent sessions of all users and applies the admin's limits to them."""
 
     # -- capacity and culling ------------------------------------------------------------------
@@ -141,12 +143,12 @@ class UserSessionManager(SessionLimits):
         is always allowed. An agent that switches itself to another mode is switched back.""",
     ).tag(config=True)
 
-    @validate("allowed_modes")
+    @validate("allowed_modes", "allowed_models")
     def _valid_allowed_modes(self, proposal: Any) -> dict[str, list[str]]:
         value = proposal["value"]
         for name, modes in value.items():
             if not isinstance(modes, list | tuple) or not all(isinstance(m, str) for m in modes):
-                raise TraitError(f"allowed_modes[{name!r}] must be a list of mode ids")
+                raise TraitError(f"{proposal['trait'].name}[{name!r}] must be a list of ids")
         return {name: list(modes) for name, modes in value.items()}
 
     permission_timeout = Float(
@@ -173,7 +175,6 @@ class UserSessionManager(SessionLimits):
     agents = Instance(AgentConfigManager)
     ledger = Instance(UsageLedger)
     gateway = Instance(LlmGateway)
-
     @default("gateway")
     def _default_gateway(self) -> LlmGateway:
         return LlmGateway(parent=self)
@@ -205,6 +206,10 @@ class UserSessionManager(SessionLimits):
         self.hub: HubClient | None = None
         #: the gateway token of each session the service meters (revoked when it ends)
         self._hub_grants: dict[str, GatewayGrant] = {}
+        #: one resume at a time per stored session (a second waits, then finds it live)
+        self._resuming: dict[str, asyncio.Lock] = {}
+        #: a resumed session's stored events (seq, bytes), handed to the store when it is listed
+        self._stored_sizes: dict[str, list[tuple[int, int]]] = {}
 
     # -- sandbox choice ------------------------------------------------------------------------
     def backend_for(self, spec: AgentSpec) -> SandboxBackend:
@@ -288,6 +293,12 @@ class UserSessionManager(SessionLimits):
                         and session.sandbox_spec.workspace == workspace
                         and session.state in (SessionState.READY, SessionState.BUSY)):
                     return session
+        return await self._admitted_create(username, spec, workspace, credentials)
+
+    async def _admitted_create(self, username: str, spec: AgentSpec, workspace: Path,
+                               credentials: dict[str, str] | None,
+                               stored: StoredSession | None = None) -> AgentSession:
+        """``_create`` within ``max_sessions_per_user`` (a new session, or a resumed one)."""
         if self._shutting_down:
             raise SessionNotReady("The server is stopping; start the session again once it is back")
         held = self.sessions_held(username)
@@ -306,7 +317,7 @@ class UserSessionManager(SessionLimits):
             self._admit(username, -1)
 
         try:
-            return await self._create(username, spec, workspace, credentials, on_listed)
+            return await self._create(username, spec, workspace, credentials, on_listed, stored)
         finally:
             if not listed:
                 self._admit(username, -1)
@@ -327,25 +338,22 @@ class UserSessionManager(SessionLimits):
         return live + stopping + self._admitted.get(username, 0)
 
     async def _create(self, username: str, spec: AgentSpec, workspace: Path,
-                      credentials: dict[str, str] | None, on_listed: Callable[[], None]
-                      ) -> AgentSession:
+                      credentials: dict[str, str] | None, on_listed: Callable[[], None],
+                      stored: StoredSession | None = None) -> AgentSession:
         hub = self.hub if self.hub is not None and self.hub.meters(spec, credentials) else None
         if hub is not None and not uses_gateway(self.gateway, spec, {"api_key": "hub"}):
             raise AgentUnavailable(
                 f"{spec.display_name} cannot be metered by the JupyterHub service here: its LLM "
                 "traffic must go through the server's gateway (c.LlmGateway.enabled, and the "
                 "agent's credential_env must map api_key and base_url)")
-        try:
-            creds = self.agents.credentials_for(spec, credentials)
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
+        creds = self._credentials(spec, credentials)
         cls: SandboxBackend = RemoteAgent if spec.url else self.backend_for(spec)
         await self._backend_started(cls)
         spec = spec.for_policy(self.permission_policy)  # started in the policy's mode
         # built in one step: first the id, the home and the launch (which may open a gateway
         # route whose callbacks reach the session once it exists), then the session itself
-        session_id = uuid.uuid4().hex
-        home = self._make_home(session_id)
+        session_id = stored.id if stored is not None else uuid.uuid4().hex
+        home = self._make_home(session_id, reuse=stored is not None)
         try:
             if hub is not None:  # a gateway token of the service's, its "real key" (hubclient)
                 grant = self._hub_grants[session_id] = await hub.grant(session_id, spec)
@@ -359,18 +367,37 @@ class UserSessionManager(SessionLimits):
             self._remove_home(session.id)
             self._close_route(session.id)
             raise SessionNotReady("The server is stopping; start the session again once it is back")
+        if stored is not None:
+            await self._seed(session, stored)
         self._sessions[session.id] = session  # counts against the limit while it starts
         on_listed()
-        self.log.info("Starting %s for %s in a %s sandbox (session %s)", spec.name, username, cls.kind,
-                      session.id)
+        session.persisted = self.store.enabled
+        self.store.track(session, self._stored_sizes.pop(session.id, ()))
+        self.log.info("%s %s for %s in a %s sandbox (session %s)", "Resuming" if stored else "Starting",
+                      spec.name, username, cls.kind, session.id)
         try:
-            await session.start()
+            await (session.resume() if stored is not None else session.start())
         except BaseException:
             self._sessions.pop(session.id, None)
-            self._remove_home(session.id)
+            if stored is None:  # a new session that never started: nothing to keep
+                await self.store.untrack(session, state=None)
+                with contextlib.suppress(Exception):
+                    await self.store.delete(session.id)
+                self._remove_home(session.id)
+            elif not session.closed:  # a resume that failed: it stays suspended
+                await self.store.untrack(session)  # (its history says why)
+            # (else whoever stopped it — a delete, a cull, the server stopping — settles its record)
             self._close_route(session.id)
             raise
         return session
+
+    def _credentials(self, spec: AgentSpec, credentials: dict[str, str] | None) -> dict[str, str]:
+        """The admin's credentials for ``spec`` overlaid with the user's (``BadRequest`` for a
+        field users may not set)."""
+        try:
+            return self.agents.credentials_for(spec, credentials)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
 
     def _build(self, session_id: str, username: str, spec: AgentSpec, cls: SandboxBackend,
                creds: dict[str, str], workspace: Path, home: Path) -> AgentSession:
@@ -417,7 +444,9 @@ class UserSessionManager(SessionLimits):
                                    init_timeout=self.init_timeout, max_history=self.max_history,
                                    limits=self.input_limits(),
                                    allowed_modes=self.allowed_modes.get(spec.name,
-                                                                        self.allowed_modes.get("*"))),
+                                                                        self.allowed_modes.get("*")),
+                                   allowed_models=self.allowed_models.get(spec.name,
+                                                                          self.allowed_models.get("*"))),
             on_activity=self._activity, on_audit=self._audit,
         )
         return session
@@ -441,13 +470,18 @@ class UserSessionManager(SessionLimits):
         env.update(spec.credentials_env(creds))
         return env
 
-    def _make_home(self, session_id: str) -> Path:
+    def _make_home(self, session_id: str, *, reuse: bool = False) -> Path:
         """A private home: the homes directory and each home are the server user's only (0700),
-        so another account on the host cannot read an agent's settings or what it caches."""
+        so another account on the host cannot read an agent's settings or what it caches.
+        ``reuse``: a resumed session's home, kept since it was suspended (the agent keeps its
+        own record of the conversation there), else a new one."""
         homes = Path(self.agent_home_dir)
         homes.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(homes, 0o700)  # (also when an earlier version created it with the umask's mode)
         home = homes / session_id
+        if reuse and home.is_dir() and not home.is_symlink():
+            os.chmod(home, 0o700)
+            return home
         home.mkdir(mode=0o700)
         return home
 
@@ -482,20 +516,36 @@ class UserSessionManager(SessionLimits):
         return list(self._sessions.values())
 
     async def delete_user_session(self, username: str, session_id: str) -> None:
-        """Stop the agent and remove its sandbox and home; the workspace stays."""
-        session = self.get_user_session(username, session_id)
-        await self._delete(session, "stopped by the user")
+        """Forget a session, live or suspended: its agent stopped, its sandbox, home and stored
+        history removed; the workspace stays."""
+        session = self._sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is not None and session.user == username:
+            await session.close_at_agent()
+            await self._delete(session, "deleted by the user")
+            return
+        stored = await self.get_suspended(username, session_id)
+        await self._forget(stored.id)
 
-    async def _delete(self, session: AgentSession, reason: str) -> None:
+    async def _delete(self, session: AgentSession, reason: str, *, forget: bool = True) -> None:
         """Unlist the session at once (no request finds it any more), then stop its agent; it
         counts against its user's limit until its agent, home and route are gone. The session
-        stops for good: a restart under way gives up (``AgentSession.stop``)."""
+        stops for good: a restart under way gives up (``AgentSession.stop``). ``forget``: its
+        stored history and home go too; else (an idle cull, the server stopping, a close) it
+        is kept, suspended, to be resumed (when the store is enabled)."""
         self._sessions.pop(session.id, None)
         self._stopping[session.id] = session
+        keep = session.kept = not forget and self.store.enabled
         try:
             await session.stop(reason)
         finally:
-            self._remove_home(session.id)
+            try:
+                await self.store.untrack(session, state="suspended" if keep else None)
+                if not keep:
+                    await self.store.delete(session.id)
+            except Exception as e:
+                self.log.warning("Could not update the stored session %s: %s", session.id, e)
+            if not keep:
+                self._remove_home(session.id)
             revoking = self._close_route(session.id)
             self._stopping.pop(session.id, None)
             if revoking is not None:  # (best effort, and a short wait: the token expires anyway)
@@ -569,10 +619,9 @@ class UserSessionManager(SessionLimits):
                 continue
             self.log.info("Stopping idle session %s of %s (idle %.0f s)", session.id, session.user, idle)
             culled.append(session.id)
-            await self._delete(session, f"idle for more than {max_age:g} s")
+            await self._delete(session, f"idle for more than {max_age:g} s", forget=False)
         return culled
 
-    # -- monitor and shutdown ------------------------------------------------------------------
     def start_monitor(self) -> None:
         if self.monitor_interval and self._monitor is None:
             self._monitor = asyncio.create_task(self._monitor_loop(), name="acp-session-monitor")
@@ -582,6 +631,7 @@ class UserSessionManager(SessionLimits):
             await asyncio.sleep(self.monitor_interval)
             try:
                 await self.cleanup()
+                await self.purge_expired()
             except Exception:
                 self.log.exception("The idle-session monitor failed; it will try again")
 
@@ -595,7 +645,8 @@ class UserSessionManager(SessionLimits):
             self._monitor = None
         sessions = list(self._sessions.values())
         stopping = list(self._stopping.values())
-        results = await asyncio.gather(*(self._delete(s, "the server is stopping") for s in sessions),
+        results = await asyncio.gather(*(self._delete(s, "the server is stopping", forget=False)
+                                         for s in sessions),
                                        *(s.stop("the server is stopping") for s in stopping),
                                        return_exceptions=True)
         results = results[:len(sessions)]
@@ -608,6 +659,7 @@ class UserSessionManager(SessionLimits):
             except Exception:
                 self.log.exception("Could not clean up the %s sandbox backend", cls.kind)
         self._started_backends.clear()
+        await self.store.close()
         self.gateway.close()
 
     def _activity(self) -> None:

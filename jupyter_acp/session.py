@@ -25,12 +25,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from acp import PROTOCOL_VERSION, connect_to_agent, schema, text_block
+from acp import PROTOCOL_VERSION, connect_to_agent, schema
 from acp.exceptions import RequestError
 
 from .agents import AgentSpec
 from .client import AcpClient
 from .errors import (
+    AcpError,
     AgentError,
     BadRequest,
     SessionBusy,
@@ -39,9 +40,13 @@ from .errors import (
 )
 from .history import EventHistory, Subscriber, public_event, wire_json
 from .linefilter import filtered_reader
+from .model_choice import ModelChoice
 from .modes import ModePolicy
 from .permissions import PendingPermission, PermissionDesk
+from .prompt_content import Image, build_prompt
 from .sandbox.base import Sandbox, SandboxSpec
+from .session_model import live_model
+from .session_open import open_acp_session
 from .session_types import SessionOptions, SessionState, TurnResult, UsageBook
 from .shrink import TextBudget
 from .usage import RecordOutcome, TurnUsage, UsageNormalizer
@@ -95,7 +100,23 @@ class AgentSession:
         self.agent_capabilities: dict[str, Any] = {}
         self.mode_policy = ModePolicy(self)
         self._stop_reason: str | None = None
+        #: the config options as clients see them (the model's narrowed to the admin's list),
+        #: and as the agent reported them
         self.config_options: list[dict[str, Any]] = []
+        self.agent_config_options: list[dict[str, Any]] = []
+        self.model_choice = ModelChoice(self.options.allowed_models)
+        #: the first line of the first prompt, or the title the agent gave (session_info_update)
+        self.title = ""
+        #: the agent's slash commands (its latest ``available_commands_update``)
+        self.available_commands: list[dict[str, Any]] = []
+        #: how the agent got the conversation back at the last start (session_open.py)
+        self.restore: str | None = None
+        #: kept in the session store (set by the manager): resumable after its agent stops
+        self.persisted = False
+        #: set by the manager when it stops the session to keep it, suspended (not deleted)
+        self.kept = False
+        #: tokens and cost recorded before this server resumed the session (from the ledger)
+        self.earlier_usage: dict[str, Any] = {}
         self.sandbox: Sandbox | None = None
         self.client: AcpClient | None = None
         self.conn: Any = None
@@ -165,11 +186,20 @@ class AgentSession:
             self._on_audit(name, {"user": self.user, "session_id": self.id, "agent": self.spec.name, **data})
 
     # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Start the agent the first time (the manager does, once)."""
+    async def start(self, *, resume: bool = False) -> None:
+        """Start the agent the first time (the manager does, once); ``resume``: a stored
+        session's, which continues its conversation (session_open.py)."""
         async with self._lock:
             self._check_open()
-            await self._start_agent(load=False)
+            await self._start_agent(load=resume)
+
+    async def resume(self) -> None:
+        await self.start(resume=True)
+
+    @property
+    def closed(self) -> bool:
+        """``stop()`` was called: this object never runs an agent again."""
+        return self._closed.is_set()
 
     def _check_open(self) -> None:
         if self._closed.is_set():
@@ -226,36 +256,7 @@ class AgentSession:
         )
         self.agent_info = _dump(init.agent_info) if init.agent_info else {}
         self.agent_capabilities = _dump(init.agent_capabilities) if init.agent_capabilities else {}
-        cwd = self.sandbox.workspace_path
-        lost = None  # why the agent does not remember the conversation (None: nothing to lose)
-        if load and self.acp_session_id and self.agent_capabilities.get("loadSession"):
-            self._replaying = True
-            try:
-                resp = await self._bounded(
-                    self.conn.load_session(cwd=cwd, session_id=self.acp_session_id, mcp_servers=[]),
-                    "session/load",
-                )
-                self._set_modes(getattr(resp, "modes", None), getattr(resp, "config_options", None))
-                await self.mode_policy.apply(new=False)
-                return
-            except AgentError as e:
-                if self._closed.is_set():
-                    raise
-                log.warning("session/load failed for %s (%s); opening a new ACP session", self.id, e)
-                lost = f"the agent could not restore the conversation ({e})"
-            finally:
-                self._replaying = False
-        elif load and self.turns:
-            lost = f"{self.spec.display_name} cannot restore a conversation (no ACP session/load)"
-        if lost and self.turns:
-            # the transcript above stays on screen, but the agent no longer knows it: say so
-            self._emit("error", {"message": f"{lost[0].upper()}{lost[1:]}; it starts fresh and "
-                                            "does not remember the earlier messages.",
-                                 "context_lost": True})
-        resp = await self._bounded(self.conn.new_session(cwd=cwd, mcp_servers=[]), "session/new")
-        self.acp_session_id = resp.session_id
-        self._set_modes(resp.modes, getattr(resp, "config_options", None))
-        await self.mode_policy.apply(new=True)
+        await open_acp_session(self, restore=load)
 
     async def _bounded(self, aw: Any, what: str) -> Any:
         """Await an ACP request with the init timeout, racing the agent's death."""
@@ -320,7 +321,38 @@ class AgentSession:
 
     def _set_modes(self, modes: Any, config_options: Any = None) -> None:
         self.mode_policy.reported(_dump(modes) if modes is not None else None)
-        self.config_options = [_dump(o) for o in config_options or []]
+        self._set_config([_dump(o) for o in config_options or []])
+
+    def _set_config(self, options: list[dict[str, Any]]) -> None:
+        self.agent_config_options = options
+        self.config_options = self.model_choice.narrow(options)
+
+    @property
+    def models(self) -> dict[str, Any] | None:
+        """The agent's model choice, narrowed to what the admin allows (model_choice.py)."""
+        return self.model_choice.model(self.config_options)
+
+    #: Seconds the agent has to answer ``session/close`` before it is stopped all the same.
+    CLOSE_TIMEOUT = 5.0
+
+    async def close_at_agent(self) -> bool:
+        """Tell the agent the conversation is over (ACP ``session/close``) when it says it
+        supports that and is idle; its own record of the conversation stays, so the session
+        can be resumed. False when it was not told (no support, not running, or it failed)."""
+        caps = self.agent_capabilities.get("sessionCapabilities") or {}
+        if "close" not in caps or self.conn is None or self.state is not SessionState.READY:
+            return False
+        try:  # (bounded short: an agent slow to close must not hold up a delete or a close)
+            await asyncio.wait_for(self._bounded(self.conn.close_session(session_id=self.acp_session_id),
+                                                 "session/close"), self.CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.info("Session %s: the agent did not answer session/close in %g s", self.id,
+                     self.CLOSE_TIMEOUT)
+            return False
+        except AcpError as e:
+            log.info("Session %s: session/close failed (%s)", self.id, e)
+            return False
+        return True
 
     async def stop(self, reason: str = "stopped by the user") -> None:
         """Stop the agent and remove the sandbox; the workspace stays. Final.
@@ -390,14 +422,17 @@ class AgentSession:
             why = f": {self.error}" if self.error else ""
             raise SessionNotReady(f"The session is {self.state.value}{why}")
 
-    async def prompt(self, text: str) -> TurnResult:
+    async def prompt(self, text: str, images: list[Image] | None = None) -> TurnResult:
         """Run one prompt turn to its end; events stream to subscribers meanwhile.
 
-        A turn's ``error`` event, if any, comes before its ``turn_end`` (the wire's
-        ``chat:response``): a client may stop reading at the end of the turn."""
+        ``@path`` mentions of workspace files go to the agent as resources, ``images`` as image
+        blocks (prompt_content.py). A turn's ``error`` event, if any, comes before its
+        ``turn_end`` (the wire's ``chat:response``): a client may stop reading at the end of
+        the turn."""
         if not isinstance(text, str) or not text.strip():
             raise BadRequest("The message is empty")
         self._check_ready()
+        blocks, attachments = await build_prompt(self, text, images or [])
         await self.ledger.acheck_quota(self.user)  # (in the ledger's thread: the loop goes on)
         self._check_ready()  # (the quota check may wait: the session may have changed meanwhile)
         self._set_state(SessionState.BUSY)
@@ -406,9 +441,12 @@ class AgentSession:
         self._turn_text = TextBudget(self.options.limits.max_turn_text_bytes)
         self.usage.begin_turn()
         self.touch()
-        self._emit("user_message", {"text": text, "turn": turn})
+        if not self.title:
+            self.title = text.strip().splitlines()[0][:100]
+        self._emit("user_message", {"text": text, "turn": turn,
+                                    **({"attachments": attachments} if attachments else {})})
         self._turn_task = asyncio.ensure_future(
-            self.conn.prompt(session_id=self.acp_session_id, prompt=[text_block(text)])
+            self.conn.prompt(session_id=self.acp_session_id, prompt=blocks)
         )
         watcher = self._watcher
         turn_task = self._turn_task
@@ -599,27 +637,35 @@ class AgentSession:
         await self._teardown()
         self._set_state(SessionState.ERROR, reason)
 
-    async def set_config_option(self, config_id: str, value: str | bool) -> None:
-        """ACP ``session/set_config_option`` (e.g. a model or reasoning-effort selector)."""
-        self._check_live()
-        known = {o.get("id") for o in self.config_options}
+    async def set_config_option(self, config_id: str, value: str | bool, *, starting: bool = False) -> None:
+        """ACP ``session/set_config_option`` (e.g. a model or reasoning-effort selector); a
+        model outside the admin's ``allowed_models`` is refused. ``starting``: the session's
+        own choice while it starts (session_open.py), not a user's."""
+        if not starting:
+            self._check_live()
+        known = {o.get("id") for o in self.agent_config_options}
         if config_id not in known:
             raise BadRequest(f"Unknown config option {config_id!r}; available: "
                              f"{', '.join(sorted(k for k in known if k)) or 'none'}")
+        self.model_choice.check(self.agent_config_options, config_id, value)
         try:
             resp = await self.conn.set_config_option(config_id=config_id, session_id=self.acp_session_id,
                                                      value=value)
         except RequestError as e:
             raise self._request_error(e, "the option change") from e
         if resp is not None and getattr(resp, "config_options", None):
-            self.config_options = [_dump(o) for o in resp.config_options]
+            self._set_config([_dump(o) for o in resp.config_options])
 
     # -- the client's callbacks ----------------------------------------------------------------
     async def on_session_update(self, update: Any, meta: dict[str, Any] | None) -> None:
+        kind = getattr(update, "session_update", None)
+        if kind == "available_commands_update":
+            self.available_commands = [_dump(c) for c in update.available_commands]
+        elif kind == "session_info_update" and isinstance(getattr(update, "title", None), str):
+            self.title = update.title.strip()[:100] or self.title
         if self._replaying:
             return  # session/load replays what our history already holds
         self.usage.on_update(update)
-        kind = getattr(update, "session_update", None)
         if kind == "agent_message_chunk":
             content = getattr(update, "content", None)
             if isinstance(content, schema.TextContentBlock):  # (the SDK validated the update)
@@ -630,7 +676,7 @@ class AgentSession:
         elif kind == "current_mode_update":
             self.mode_policy.agent_switched(update.current_mode_id)
         elif kind == "config_option_update":
-            self.config_options = [_dump(o) for o in update.config_options]
+            self._set_config([_dump(o) for o in update.config_options])
         self.last_activity = time.time()
         self._emit("session_update", _dump(update))
 
@@ -653,35 +699,6 @@ class AgentSession:
 
     # -- stats ---------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """The seed design's ``getSessionStats``, kept locally (never asked of the agent)."""
-        totals = self.ledger.live_totals(self)  # (from memory: never waits for the database)
-        limits = self.sandbox_spec.limits
-        return {
-            "id": self.id,
-            "user": self.user,
-            "agent": self.spec.name,
-            "agent_display_name": self.spec.display_name,
-            "demo": self.spec.demo,
-            "state": self.state.value,
-            "error": self.error,
-            "created": self.created,
-            "last_activity": self.last_activity,
-            "turns": self.turns,
-            "tokens": {k: totals[k] for k in ("input_tokens", "output_tokens", "thought_tokens",
-                                               "cached_read_tokens", "total_tokens")},
-            "cost": totals["cost"],
-            "currency": self.usage.currency,
-            "context": {"used": self.usage.context_used, "size": self.usage.context_size},
-            "workspace": str(self.sandbox_spec.workspace),
-            "sandbox": self.sandbox.kind if self.sandbox else None,
-            "limits": {"mem_limit": limits.mem_limit, "cpu_limit": limits.cpu_limit,
-                       "pids_limit": limits.pids_limit, "disk_limit": limits.disk_limit,
-                       "network": limits.network,
-                       "enforced": self.sandbox.limits_enforced() if self.sandbox else {}},
-            "modes": self.modes,
-            "config_options": self.config_options,
-            "agent_info": self.agent_info,
-            "acp_session_id": self.acp_session_id,
-            "pending_permissions": [p.public() for p in self.pending.values()],
-            "last_seq": self.history.seq,
-        }
+        """The seed design's ``getSessionStats``, kept locally (never asked of the agent):
+        the session model of the API (``session_model.live_model``)."""
+        return live_model(self)

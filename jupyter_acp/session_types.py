@@ -72,4 +72,6 @@ class SessionOptions:
     """What the agent may make the server hold or do (bytes, files, terminals)."""
     allowed_modes: list[str] | None = None
     """The admin's list of modes this agent may be in; None: those within the policy's level."""
+    allowed_models: list[str] | None = None
+    """The admin's list of models (config option of category ``model``); None: any."""
     client_info: dict[str, str] = field(default_factory=lambda: {"name": "jupyter-acp", "version": "0.1.0"})

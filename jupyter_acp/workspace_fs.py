@@ -416,6 +416,16 @@ class WorkspaceFS:
         return await self._serve(path, lambda: _slice(self._read_bytes(parts, cap).decode("utf-8", "replace"),
                                                        line, limit))
 
+    async def read_bytes(self, path: Any, cap: int) -> bytes:
+        """A file's bytes (at most ``cap``), for the server's own reads on behalf of the user
+        (``@path`` mentions, prompt_content.py): the same walk and refusals as the agent's
+        reads, so a mention reaches no further than the agent could."""
+        try:
+            parts = self.components(path)
+        except Refused as r:
+            raise self._error(path, r) from None
+        return await self._serve(path, lambda: self._read_bytes(parts, cap))
+
     def _read_bytes(self, parts: list[str], cap: int) -> bytes:
         walk = _Walk(self)
         try:

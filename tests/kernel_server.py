@@ -21,7 +21,7 @@ TOKEN = "kernel-test-token"
 
 
 @contextlib.contextmanager
-def server_for_kernels(tmp: Path, *extra: str) -> Iterator[dict]:
+def server_for_kernels(tmp: Path, *extra: str, sandbox: str = "local") -> Iterator[dict]:
     """Yields ``{url, root, runtime, log}``; the kernel-side discovery file is written."""
     root, runtime = tmp / "root", tmp / "kernel-runtime"
     root.mkdir(parents=True, exist_ok=True)
@@ -33,7 +33,7 @@ def server_for_kernels(tmp: Path, *extra: str) -> Iterator[dict]:
            "JUPYTER_DATA_DIR": str(tmp / "data")}
     cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
            f"--ServerApp.root_dir={root}", "--ServerApp.jpserver_extensions={'jupyter_acp': True}",
-           f"--IdentityProvider.token={TOKEN}", "--UserSessionManager.sandbox=local",
+           f"--IdentityProvider.token={TOKEN}", f"--UserSessionManager.sandbox={sandbox}",
            f"--UsageLedger.db_url=sqlite:///{tmp / 'usage.sqlite'}", "--ServerApp.log_level=WARN",
            f"--UserSessionManager.agent_home_dir={tmp / 'homes'}", *extra,
            *(["--allow-root"] if os.geteuid() == 0 else [])]

@@ -7,124 +7,36 @@ pytest's ``tmp_path`` (their paths are printed) so a person can look at what the
 
 The server is ``jupyter lab`` in a subprocess (so this is the extension exactly as installed by
 ``pip install``: the labextension built by hatch-jupyter-builder, the server extension enabled
-on the command line). Its config, data and runtime directories are private to the test.
+on the command line). Its config, data and runtime directories are private to the test
+(tests/browser.py has what the browser tests share).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import acp_require
+from browser import UI_TIMEOUT, LabServer, Screenshots, api, chromium, open_panel, require_playwright, tokens
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-quic",
-]
-LABEXTENSION = Path(__file__).resolve().parent.parent / "jupyter_acp" / "labextension"
-STARTUP_TIMEOUT = 90.0  # a cold JupyterLab on 2 busy cores can take a while
-UI_TIMEOUT = 60_000  # ms, for waits in the page
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_server(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"jupyter lab exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"jupyter lab did not answer within {STARTUP_TIMEOUT} s:\n{log.read_text()[-3000:]}")
+_tokens = tokens
+_api = api
 
 
 @pytest.fixture
 def lab_server(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A JupyterLab with jupyter-acp on a free port; yields its url, token and root dir."""
-    acp_require("JUPYTER_ACP_REQUIRE_BROWSER", shutil.which("jupyter-lab") is not None or
-                (Path(sys.executable).parent / "jupyter-lab").exists(),
-                "JupyterLab is not installed (pip install -e '.[lab]')")
-    acp_require("JUPYTER_ACP_REQUIRE_BROWSER", (LABEXTENSION / "package.json").exists(),
-                f"the labextension is not built ({LABEXTENSION}); pip install -e . builds it")
-    root = tmp_path / "root"
-    root.mkdir()
-    # serve this checkout's build, whatever copy pip installed (like `labextension develop`):
-    # JUPYTER_PATH comes before every other data directory
-    jupyter_path = tmp_path / "jupyter-path"
-    (jupyter_path / "labextensions").mkdir(parents=True)
-    (jupyter_path / "labextensions" / "jupyter-acp").symlink_to(LABEXTENSION, target_is_directory=True)
-    env = {
-        **os.environ,
-        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
-        "JUPYTER_PATH": os.pathsep.join([str(jupyter_path), *filter(None, [os.environ.get("JUPYTER_PATH")])]),
-        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-        "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"),
-        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lab-workspaces"),
-    }
-    port, token = _free_port(), secrets.token_hex(16)
-    log = tmp_path / "jupyter-lab.log"
-    cmd = [
-        str(Path(sys.executable).parent / "jupyter-lab"), "--no-browser", f"--port={port}",
-        "--ip=127.0.0.1", f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}",
-        "--ServerApp.jpserver_extensions={'jupyter_acp': True}",
-        "--UserSessionManager.sandbox=local",  # the demo agent; sandboxes have their own tests
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-    ]
-    if os.geteuid() == 0:
-        cmd.append("--allow-root")
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=root,
-                                start_new_session=True)
+    """A JupyterLab with jupyter-acp on a free port; yields its url, token, root dir and log."""
+    server = LabServer(tmp_path)
     try:
-        base = f"http://127.0.0.1:{port}/"
-        _wait_for_server(f"{base}api/status?token={token}", proc, log)
-        yield {"url": base, "token": token, "root": str(root), "log": str(log)}
+        server.start()
+        yield server.info()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _tokens(text: str) -> int:
-    """The number in a counter like "1,234 tokens" or "Today: 12 tokens of 1,000"."""
-    match = re.search(r"([\d,]+) tokens?", text)
-    assert match, f"no token count in {text!r}"
-    return int(match.group(1).replace(",", ""))
-
-
-def _api(server: dict[str, str], path: str, method: str = "GET") -> dict | None:
-    req = urllib.request.Request(server["url"] + "api/acp/" + path, method=method,
-                                 headers={"Authorization": f"token {server['token']}"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        body = r.read()
-    return json.loads(body) if body else None
+        server.stop()
 
 
 NOTEBOOK = {
@@ -152,29 +64,12 @@ def send_from(page, name: str, editor_selector: str) -> None:
 
 
 def test_sidebar_chat_permission_file_and_tokens(lab_server: dict[str, str], tmp_path: Path) -> None:
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        sync_playwright = None
-    acp_require("JUPYTER_ACP_REQUIRE_BROWSER", sync_playwright is not None,
-                "playwright is not installed (pip install playwright)")
-    acp_require("JUPYTER_ACP_REQUIRE_BROWSER", os.access(CHROMIUM, os.X_OK),
-                f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_playwright = require_playwright()
+    from playwright.sync_api import expect
 
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
+    shot = Screenshots(tmp_path)
 
-    def shot(page, name: str) -> None:
-        path = shots / f"{name}.png"
-        page.screenshot(path=str(path))
-        print(f"screenshot: {path}")
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 900})
-        page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with sync_playwright() as pw, chromium(pw) as (page, errors):
         # the session sockets pass through Playwright, so the test can drop one like a network would
         sockets: list = []
 
@@ -184,18 +79,11 @@ def test_sidebar_chat_permission_file_and_tokens(lab_server: dict[str, str], tmp
 
         page.route_web_socket(re.compile(r"/api/acp/sessions/[^/]+/ws"), through)
         try:
-            page.goto(f"{lab_server['url']}lab?token={lab_server['token']}")
             # the panel's tab in the left sidebar: our plugin was loaded
-            tab = page.locator('.jp-SideBar [data-id="jupyter-acp-panel"]')
+            panel = open_panel(page, lab_server)
 
-            def show_panel() -> None:  # a click on the current tab would collapse the sidebar
-                expect(tab).to_be_visible(timeout=UI_TIMEOUT)
-                if "lm-mod-current" not in (tab.get_attribute("class") or ""):
-                    tab.click()
-
-            show_panel()
-            panel = page.locator("#jupyter-acp-panel")
-            expect(panel).to_be_visible()
+            def show_panel() -> None:
+                open_panel(page)
 
             # agents are listed; the demo agent (the default) is selectable
             agent = panel.locator("select.jp-AcpPanel-agent")
@@ -321,7 +209,6 @@ def test_sidebar_chat_permission_file_and_tokens(lab_server: dict[str, str], tmp
 
             # a reload comes back to the live session and replays its history into the same view
             page.reload()
-            expect(tab).to_be_visible(timeout=UI_TIMEOUT)
             show_panel()  # (JupyterLab restores the open sidebar tab itself, usually)
             expect(panel.locator(".jp-AcpMsg-user")).to_have_count(6, timeout=UI_TIMEOUT)
             expect(panel.locator("select.jp-AcpPanel-mode")).to_have_value("yolo")
@@ -352,6 +239,3 @@ def test_sidebar_chat_permission_file_and_tokens(lab_server: dict[str, str], tmp
             shot(page, "failure")
             print(Path(lab_server["log"]).read_text()[-4000:])
             raise
-        finally:
-            context.close()
-            browser.close()

@@ -54,8 +54,9 @@ from test_server import OPENAPI, check_openapi
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from jupyter_acp import handlers
+from jupyter_acp import handlers, prompt_content
 from jupyter_acp.agents import CREDENTIAL_FIELDS
+from jupyter_acp.api_models import MAX_IMAGES
 from jupyter_acp.app import AcpExtension
 from jupyter_acp.testing import auth
 from jupyter_acp.workspace_fs import NAME_MAX, PATH_MAX
@@ -270,6 +271,13 @@ def value_probes(schema: dict[str, Any]) -> list[Any]:
         items = [v for v in value_probes(s["items"]) if not isinstance(v, str) or len(v) < 10_000]
         return unique([[], ["a"] * top, ["a"] * (top + 1), ["demo"], *([v] for v in items),
                        "a", None, 1, {}])
+    if kind == "object" and "properties" in s:  # (an image: fields of its own)
+        base = {name: "x" for name in s.get("required", [])}
+        out: list[Any] = [{}, base, {**base, "unknown": "x"}, [], "x", 1, None]
+        for name, prop in s["properties"].items():
+            out += [{**base, name: v} for v in value_probes(prop)
+                    if not isinstance(v, str) or len(v) < 10_000]
+        return unique(out)
     if kind == "object":  # (credentials: names from an enum, string values)
         names = deref(s["propertyNames"])["enum"]
         every = {name: "x" for name in names}
@@ -510,7 +518,9 @@ def base_body(template: str) -> dict[str, Any]:
     return {"/sessions": {"new": False}, "/sessions/{session_id}/messages": {"message": "hi"},
             "/sessions/{session_id}/mode": {"mode_id": "default"},
             "/sessions/{session_id}/config": {"config_id": "style", "value": "plain"},
-            "/sessions/{session_id}/permissions/{request_id}": {}}[template]
+            "/sessions/{session_id}/permissions/{request_id}": {},
+            "/sessions/{session_id}/resume": {},
+            "/sessions/{session_id}/model": {"model": "demo-small"}}[template]
 
 
 def expected(template: str, name: str, value: Any, w: World) -> tuple[set[int] | None, Any]:
@@ -895,12 +905,14 @@ def test_spec_bounds_agree_with_the_code() -> None:
             assert body_cap(operation) == AcpExtension.max_request_bytes.default_value, (method, template)
     cwd = sessions["properties"]["cwd"]
     assert cwd["x-maxBytes"] == cwd["maxLength"] == PATH_MAX and cwd["x-maxComponentBytes"] == NAME_MAX
-    credentials = sessions["properties"]["credentials"]
+    assert sessions["properties"]["credentials"] == {"$ref": "#/components/schemas/Credentials"}
+    credentials = schemas["Credentials"]
     assert credentials["propertyNames"]["enum"] == list(CREDENTIAL_FIELDS)
     assert credentials["maxProperties"] == len(CREDENTIAL_FIELDS)
     assert credentials["additionalProperties"]["x-maxBytes"] == \
         credentials["additionalProperties"]["maxLength"] == handlers.MAX_CREDENTIAL_BYTES
     assert sessions["properties"]["capabilities"]["maxItems"] == handlers.MAX_CAPABILITIES
+    assert schemas["Images"]["maxItems"] == MAX_IMAGES == prompt_content.MAX_IMAGES
     assert WS_SPEC["x-maxFrameBytes"] == tornado.websocket._default_max_message_size
     assert handlers.MAX_ERROR_CHARS <= MAX_ERROR_CHARS
 

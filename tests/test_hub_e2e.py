@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import open_panel
 from conftest import acp_require
 from fake_llm import FakeLLM
 from hub import (
@@ -691,12 +692,7 @@ def test_sidebar_under_the_hub_in_chromium(hub: Hub, browser: Any, tmp_path: Pat
 
     page = login(browser, hub, ALICE)
     page.goto(f"{hub.url}user/{ALICE}/lab")
-    tab = page.locator('.jp-SideBar [data-id="jupyter-acp-panel"]')
-    expect(tab).to_be_visible(timeout=UI_TIMEOUT)
-    if "lm-mod-current" not in (tab.get_attribute("class") or ""):
-        tab.click()
-    panel = page.locator("#jupyter-acp-panel")
-    expect(panel).to_be_visible()
+    panel = open_panel(page, timeout=UI_TIMEOUT)
     agent = panel.locator("select.jp-AcpPanel-agent")
     expect(agent.locator('option[value="demo"]')).to_have_count(1, timeout=UI_TIMEOUT)
     agent.select_option("demo")

@@ -5,6 +5,7 @@ interrupt is tested in a real kernel through nbclient."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -55,8 +56,8 @@ def shell(server: dict, monkeypatch: pytest.MonkeyPatch) -> Any:
     ip.run_line_magic("load_ext", "jupyter_acp")
     yield ip
     api = AcpApi(ServerInfo(server["url"], TOKEN))
-    for session in api.sessions():
-        api.stop(session["id"])
+    for session in api.sessions():  # (live and suspended: each test starts with none)
+        api.delete(session["id"])
     magics = ip.magics_manager.registry["AcpMagics"]
     magics.current, magics._api = None, None
 
@@ -97,8 +98,8 @@ def test_every_subcommand(shell: Any, server: dict, monkeypatch: pytest.MonkeyPa
     assert out.strip() == "acp: no turn is running"
     out, rich = acp(shell, "usage")
     assert "| day (UTC) |" in rich and "tokens today (no daily quota)" in out
-    out, _ = acp(shell, "stop")
-    assert out.strip() == f"acp: stopped session {first}"
+    out, _ = acp(shell, "stop")  # (an alias of close: the session stays, suspended)
+    assert out.strip() == f"acp: stopped session {first} — suspended; %acp resume {first[:8]} continues it"
     out, _ = acp(shell, "stats")
     assert out.strip() == "acp: No session in use: %acp start first"
 
@@ -109,10 +110,157 @@ def test_every_subcommand(shell: Any, server: dict, monkeypatch: pytest.MonkeyPa
     ("frobnicate", "acp: argument command: invalid choice: 'frobnicate'"),
     ("", "acp: Say what to do"),
     ("start --cwd ../..", "outside your workspace"),
+    ("resume 0000", "acp: No session '0000' of yours"),
+    ("close 0000", "acp: No session '0000' of yours"),
+    ("delete 0000", "acp: No session '0000' of yours"),
+    ("delete", "acp: the following arguments are required: id"),
+    ("model demo-large", "acp: No session in use: %acp start first"),
+    ("commands", "acp: No session in use: %acp start first"),
 ])
 def test_errors_are_one_line(shell: Any, line: str, words: str) -> None:
     out, rich = acp(shell, line)
     assert words in out and out.count("\n") == 1 and "Traceback" not in out + rich, out
+
+
+#: A 1x1 PNG (70 bytes), for ``%%acp --image``.
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA"
+                       "60e6kgAAAABJRU5ErkJggg==")
+
+
+def test_close_resume_recall_commands_model_and_files(shell: Any, server: dict, tmp_path: Path) -> None:
+    """The session's life in a notebook: two turns, close (suspended, still listed with its
+    title), resume (the agent has its context back: /recall), its commands, a model switch, an
+    @file mention and an image, and delete (gone from the list)."""
+    magics = shell.magics_manager.registry["AcpMagics"]
+    acp(shell, "start --agent demo --new")
+    sid = magics.current
+    for prompt in ("the first prompt", "and a second one"):
+        out, rich = acp(shell, "", prompt)
+        assert out == "" and "end_turn · tokens:" in rich
+    out, _ = acp(shell, "close")
+    assert out == f"acp: closed session {sid} — suspended; %acp resume {sid[:8]} continues it\n"
+    assert magics.current is None
+    out, rich = acp(shell, "sessions")
+    row = next(line for line in rich.splitlines() if sid[:12] in line)
+    assert "| suspended | the first prompt |" in row, rich
+    # what can be said of a suspended session is said; the rest in one line
+    magics.current = sid
+    out, rich = acp(shell, "model")
+    assert out == "" and "| * demo-small | Demo small |" in rich, out
+    out, _ = acp(shell, "cancel")
+    assert out == "acp: no turn is running (the session is suspended)\n"
+    out, _ = acp(shell, "mode")
+    assert out.startswith(f"acp: Session {sid[:12]} is suspended") and out.count("\n") == 1, out
+    magics.current = None
+    out, _ = acp(shell, f"resume {sid[:8]}")
+    assert out.startswith(f"acp: using session {sid} (ready") and out.count("\n") == 1, out
+    assert magics.current == sid
+    out, rich = acp(shell, "", "/recall")
+    assert "Demo agent remembers: the first prompt | and a second one" in rich, rich
+    out, rich = acp(shell, "sessions")
+    assert "| ready | the first prompt |" in next(line for line in rich.splitlines() if sid[:12] in line)
+    # the slash commands the agent announced
+    out, rich = acp(shell, "commands")
+    assert "| /recall | Repeat the earlier prompts of this session |  |" in rich, rich
+    assert "| /write | Write a file (asks permission) | NAME TEXT |" in rich
+    # the models, the current one marked; a switch shows in the next reply
+    out, rich = acp(shell, "model")
+    assert "| * demo-small | Demo small |" in rich and "| demo-large | Demo large |" in rich, rich
+    out, _ = acp(shell, "model demo-large")
+    assert out == "acp: model demo-large\n"
+    out, rich = acp(shell, "", "hello large model")
+    assert "[demo-large] Demo agent (no LLM) heard 3 words: hello large model" in rich, rich
+    out, _ = acp(shell, "model demo-huge")  # the server's message names the allowed values
+    assert out.startswith("acp: ") and out.count("\n") == 1 and "demo-large" in out, out
+    out, rich = acp(shell, "model")
+    assert "| * demo-large |" in rich
+    # an @file mention: the cell goes as written, the server sends the file along
+    (server["root"] / "notes.txt").write_text("notes for the agent\n")  # 20 bytes
+    (server["root"] / "notebooks.d").mkdir()
+    api = AcpApi(ServerInfo(server["url"], TOKEN))
+    assert api.files(sid, "no") == ["notebooks.d/", "notes.txt"]  # (what @ completes from)
+    out, rich = acp(shell, "", "Summarise @notes.txt please")
+    assert out == "" and "📎 notes.txt (20 bytes)" in rich, rich
+    assert "Demo agent got file notes.txt (20 bytes)" in rich
+    # the chat panel shows them under the user's message too
+    panel = ChatPanel(session_id=sid, api=api)
+    sent: list[dict] = []
+    panel.send = sent.append
+    panel.send_prompt("And @notes.txt again", wait=True)
+    assert panel.transcript[-2]["attachments"] == ["📎 notes.txt (20 bytes)"]
+    assert {"type": "attachments", "lines": ["📎 notes.txt (20 bytes)"]} in sent
+    assert "Demo agent got file notes.txt (20 bytes)" in panel.transcript[-1]["text"]
+    # a mention of a missing file stays text
+    out, rich = acp(shell, "", "What about @missing.txt")
+    assert out == "" and "📎" not in rich and "heard 3 words: What about @missing.txt" in rich
+    # an image from the kernel's files
+    image = tmp_path / "dot.png"
+    image.write_bytes(PNG)
+    out, rich = acp(shell, f"--image {image}", "What is in this picture?")
+    assert out == "" and f"image/png, {len(PNG)} bytes)" in rich, rich
+    assert f"Demo agent got image image/png ({len(PNG)} bytes)" in rich
+    out, _ = acp(shell, f"--image {tmp_path / 'notes.txt'}", "not an image")
+    assert out.startswith("acp: ") and "not an image" in out and out.count("\n") == 1, out
+    # delete: forgotten, no longer listed, not resumable
+    out, _ = acp(shell, f"delete {sid[:8]}")
+    assert out == f"acp: deleted session {sid} and its history\n" and magics.current is None
+    out, rich = acp(shell, "sessions")
+    assert sid[:12] not in rich + out
+    out, _ = acp(shell, f"resume {sid}")
+    assert out == f"acp: No session {sid!r} of yours\n"
+
+
+def test_an_agent_that_comes_back_without_its_context_is_said(shell: Any, server: dict,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``restore: fresh`` (an agent that can neither resume nor load): the notebook is told."""
+    acp(shell, "start --agent demo --new")
+    sid = shell.magics_manager.registry["AcpMagics"].current
+    api = AcpApi(ServerInfo(server["url"], TOKEN))
+    api.close(sid)
+    real_resume = AcpApi.resume
+    monkeypatch.setattr(AcpApi, "resume", lambda self, session_id: {**real_resume(self, session_id),
+                                                                     "restore": "fresh"})
+    out, _ = acp(shell, f"resume {sid[:8]}")
+    assert out == (f"acp: using session {sid} (ready)\n"
+                   "acp: the agent could not restore its context and starts afresh "
+                   "(the transcript is kept)\n")
+
+
+@pytest.mark.timeout(60)
+def test_a_mention_outside_the_workspace_is_one_line(shell: Any) -> None:
+    acp(shell, "start --agent demo --new")
+    out, rich = acp(shell, "", "Read @../../etc/passwd")
+    assert out == "acp: @../../etc/passwd is outside the session's workspace\n", out
+    assert "Traceback" not in rich
+
+
+def test_a_suspended_session_in_use_is_resumed_by_the_next_cell(shell: Any, server: dict) -> None:
+    """Suspended behind the notebook's back (as an idle cull or a server restart does): the next
+    %%acp resumes it, says so in one line, and the agent has its context."""
+    magics = shell.magics_manager.registry["AcpMagics"]
+    acp(shell, "start --agent demo --new")
+    sid = magics.current
+    out, rich = acp(shell, "commands")  # (right after the start: announced a moment later)
+    assert "| /recall |" in rich, out
+    acp(shell, "", "remember this")
+    api = AcpApi(ServerInfo(server["url"], TOKEN))
+    assert api.close(sid)["state"] == "suspended"
+    magics.current = None
+    out, _ = acp(shell, f"use {sid[:8]}")
+    assert out == f"acp: using session {sid} (suspended: the next %%acp resumes it)\n"
+    out, rich = acp(shell, "", "/recall")
+    assert out == f"acp: resumed session {sid[:12]} (it was suspended)\n", out
+    assert "Demo agent remembers: remember this" in rich and magics.current == sid
+    assert api.session(sid)["state"] == "ready"
+    # a chat panel on a suspended session resumes it too, when opened and when sent a prompt
+    api.close(sid)
+    panel = ChatPanel(session_id=sid, api=api)
+    assert panel.status == "ready" and api.session(sid)["state"] == "ready"
+    panel.send = lambda message: None
+    api.close(sid)
+    panel.send_prompt("/recall", wait=True)
+    assert panel.transcript[-1]["text"].startswith("Demo agent remembers: remember this"), panel.transcript
+    assert panel.status == "ready" and panel.error == ""
 
 
 def test_quota_exceeded_is_one_line(shell: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -321,7 +469,50 @@ def test_a_kernel_interrupt_cancels_the_turn(server: dict, monkeypatch: pytest.M
 
     threading.Thread(target=interrupt_when_busy, daemon=True).start()
     started = time.monotonic()
-    client.execute()
+    try:
+        client.execute()
+    finally:
+        for session in api.sessions():
+            api.delete(session["id"])
     outputs = json.dumps(nb.cells[1].outputs)
     assert "cancelling the turn" in outputs and "cancelled \\u00b7 tokens" in outputs
     assert time.monotonic() - started < 45  # the 60 s sleep did not run out
+
+
+def test_close_resume_and_a_mention_in_a_real_kernel(server: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same life of a session in a real kernel (nbclient), as a notebook runs it: the
+    ``{sid[:8]}`` in a line magic is IPython's expansion of a variable of the notebook."""
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(server["runtime"]))
+    (server["root"] / "kernel-notes.txt").write_text("from the kernel test\n")  # 21 bytes
+    sources = [
+        "%load_ext jupyter_acp\n%acp start --agent demo --new\n"
+        "sid = get_ipython().magics_manager.registry['AcpMagics'].current",
+        "%%acp\nthe first prompt of the kernel",
+        "%acp close",
+        "%acp sessions",
+        "%acp resume {sid[:8]}",
+        "%%acp\n/recall",
+        "%%acp\nRead @kernel-notes.txt",
+        "%acp model nope",
+        "%acp delete {sid}\n%acp sessions",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
+    client = NotebookClient(nb, kernel_name="python3", timeout=60,
+                            resources={"metadata": {"path": str(server["root"])}})
+    api = AcpApi(ServerInfo(server["url"], TOKEN))
+    for session in api.sessions():  # (left by another test: "no sessions" is checked below)
+        api.delete(session["id"])
+    try:
+        client.execute()
+    finally:
+        for session in api.sessions():
+            api.delete(session["id"])
+    outputs = [json.dumps(cell.outputs, ensure_ascii=False) for cell in nb.cells]
+    assert "acp: closed session" in outputs[2]
+    assert "| suspended | the first prompt of the kernel |" in outputs[3], outputs[3]
+    assert "acp: using session" in outputs[4] and "(ready" in outputs[4]
+    assert "Demo agent remembers: the first prompt of the kernel" in outputs[5], outputs[5]
+    assert "📎 kernel-notes.txt (21 bytes)" in outputs[6], outputs[6]
+    assert "Demo agent got file kernel-notes.txt (21 bytes)" in outputs[6]
+    assert "acp: Unknown model 'nope'" in outputs[7] and "Traceback" not in "".join(outputs)
+    assert "acp: deleted session" in outputs[8] and "acp: no sessions" in outputs[8]

@@ -103,15 +103,16 @@ def test_the_migrations_ship_with_the_package():
     """No alembic.ini at runtime: the scripts are found beside the module (hatch's wheel takes
     every file under jupyter_acp/, these included)."""
     names = {p.name for p in (SCRIPTS / "versions").glob("*.py")}
-    assert (SCRIPTS / "env.py").is_file() and {"0001_acp_usage.py", "0002_acp_leases.py"} <= names
-    assert head() == (HEAD,) == ("0002",)  # (HEAD: the fast path's, without Alembic)
+    assert (SCRIPTS / "env.py").is_file()
+    assert {"0001_acp_usage.py", "0002_acp_leases.py", "0003_acp_sessions.py"} <= names
+    assert head() == (HEAD,) == ("0003",)  # (HEAD: the fast path's, without Alembic)
 
 
 def test_a_new_database_is_made_by_the_migrations(db_url, ledgers):
     ledger = ledgers(db_url)
     engine = plain_engine(db_url)
     try:
-        assert versions(engine) == ["0002"]
+        assert versions(engine) == ["0003"]
         assert differences(engine) == []
         inspector = inspect(engine)
         assert {"acp_usage", "acp_leases", VERSION_TABLE} <= set(inspector.get_table_names())
@@ -124,7 +125,7 @@ def test_a_new_database_is_made_by_the_migrations(db_url, ledgers):
         # the migrations run again (a restart, another server): nothing changes
         upgrade(ledger.engine)
         ledgers(db_url)
-        assert versions(engine) == ["0002"] and differences(engine) == []
+        assert versions(engine) == ["0003"] and differences(engine) == []
         assert ledger.tokens_today("alice") == 3 * 10**9
         # and the downgrades are real: down to nothing, up again
         with engine.begin() as conn:
@@ -132,7 +133,7 @@ def test_a_new_database_is_made_by_the_migrations(db_url, ledgers):
         assert set(inspect(engine).get_table_names()) == {VERSION_TABLE}
         with engine.begin() as conn:
             command.upgrade(alembic_config(conn), "head")
-        assert versions(engine) == ["0002"] and differences(engine) == []
+        assert versions(engine) == ["0003"] and differences(engine) == []
     finally:
         engine.dispose()
 
@@ -153,7 +154,7 @@ def test_a_database_made_before_alembic_is_adopted(db_url, ledgers, legacy):
         assert VERSION_TABLE not in inspect(engine).get_table_names()
 
         ledger = ledgers(db_url)
-        assert versions(engine) == ["0002"]
+        assert versions(engine) == ["0003"]
         # the old ad-hoc steps were done, and BIGINT on PostgreSQL; SQLite stores INTEGER and
         # BIGINT alike (64-bit), so its old declared type is left (no table rebuild for a name)
         left = [d for diff in differences(engine) for d in (diff if isinstance(diff, list) else [diff])]
@@ -171,7 +172,7 @@ def test_a_database_made_before_alembic_is_adopted(db_url, ledgers, legacy):
         assert uids[:2] == (["u1", None] if legacy == "issue14" else [None, None]) and uids[2]
         # idempotent: the next start finds it at head
         ledgers(db_url)
-        assert versions(engine) == ["0002"] and len(differences(engine)) == len(left)
+        assert versions(engine) == ["0003"] and len(differences(engine)) == len(left)
     finally:
         engine.dispose()
 
@@ -184,7 +185,7 @@ def test_a_database_stamped_at_the_first_revision_is_upgraded(db_url, ledgers):
             command.upgrade(alembic_config(conn), FIRST)
         assert versions(engine) == [FIRST] and "acp_leases" not in inspect(engine).get_table_names()
         ledger = ledgers(db_url)
-        assert versions(engine) == ["0002"] and differences(engine) == []
+        assert versions(engine) == ["0003"] and differences(engine) == []
         lease = ledger.admit("alice", 100, reserve=10, timeout=0)
         ledger.settle(lease, TurnUsage(total_tokens=7), user="alice", session_id="s", agent="demo")
         assert ledger.tokens_today("alice") == 7
@@ -220,9 +221,9 @@ def test_servers_starting_at_once_migrate_once(db_url, tmp_path):
         assert not any(ledger.spool.has_records() for ledger in made)  # all went to the database
         engine = plain_engine(db_url)
         try:
-            assert versions(engine) == ["0002"] and differences(engine) == []
+            assert versions(engine) == ["0003"] and differences(engine) == []
             with engine.connect() as conn:
-                assert current(conn) == ("0002",)
+                assert current(conn) == ("0003",)
         finally:
             engine.dispose()
         assert made[0].tokens_today("alice") == len(made)

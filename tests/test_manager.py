@@ -173,7 +173,7 @@ async def test_plan_modes_and_read(manager, acp_workspace_root):
         await session.set_mode("reckless")
     await session.set_mode("yolo")
     assert session.stats()["modes"]["currentModeId"] == "yolo"
-    assert [o["id"] for o in session.stats()["config_options"]] == ["style"]
+    assert [o["id"] for o in session.stats()["config_options"]] == ["style", "model"]
     with pytest.raises(BadRequest, match="Unknown config option"):
         await session.set_config_option("colour", "red")
     await session.set_config_option("style", "shout")

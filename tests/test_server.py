@@ -30,6 +30,7 @@ from jupyter_acp import api_models
 from jupyter_acp.app import AcpExtension
 from jupyter_acp.errors import AcpError
 from jupyter_acp.handlers import GONE_REASON, STOPPED_REASON, handlers
+from jupyter_acp.session_socket import SUSPENDED_REASON
 from jupyter_acp.testing import TokenPerUser, auth
 
 OPENAPI = yaml.safe_load((Path(__file__).parents[1] / "jupyter_acp" / "openapi.yaml").read_text())
@@ -460,7 +461,9 @@ async def test_open_sockets_of_a_session_that_ends_get_its_last_event_then_4404(
         while (raw := await next_raw(ws)) is not None:
             events += flat(raw)
         assert events[-1]["type"] == "state" and events[-1]["data"]["state"] == "stopped", events[-3:]
-        assert (ws.close_code, ws.close_reason) == (4404, STOPPED_REASON)
+        # deleted: ended; culled or stopped with the server: kept (a client resumes it)
+        assert (ws.close_code, ws.close_reason) == (4404, STOPPED_REASON if how == "deleted"
+                                                    else SUSPENDED_REASON)
         ws.close()
     assert session.fanout is None  # nothing left subscribed
 
@@ -599,7 +602,8 @@ async def test_a_client_too_slow_to_read_is_dropped_and_resumes_without_loss(
     sock.connect(("127.0.0.1", jp_http_port))
     stalled = await connect(url, additional_headers=auth("alice"), max_queue=1, sock=sock)
     await api("POST", f"sessions/{sid}/messages", {"message": "/stream 20000"})
-    assert session.history._subscribers == []  # the stalled socket was dropped, the turn went on
+    # the stalled socket was dropped, the turn went on (what subscribes still: the session store)
+    assert session.fanout is None and len(session.history._subscribers) == 1
     with pytest.raises(ConnectionClosedError) as closed:
         while True:
             await stalled.recv()
@@ -623,19 +627,23 @@ async def test_a_client_too_slow_to_read_is_dropped_and_resumes_without_loss(
 
 # -- request models and keep-alive (issue 15) -----------------------------------------------------
 #: The request bodies' models (api_models), per operation of openapi.yaml and client frame.
-BODY_MODELS = {("post", "/sessions"): "NewSession", ("post", "/sessions/{session_id}/messages"): "Prompt",
+BODY_MODELS = {("post", "/sessions"): "NewSession",
+               ("post", "/sessions/{session_id}/messages"): "PromptWithImages",
                ("post", "/sessions/{session_id}/permissions/{request_id}"): "PermissionAnswer",
                ("post", "/sessions/{session_id}/mode"): "ModeChange",
-               ("post", "/sessions/{session_id}/config"): "ConfigChange"}
-FRAME_MODELS = {"chat:message": "Prompt", "permission:answer": "PermissionFrame", "mode": "ModeChange",
-                "cancel": None, "ping": None}
+               ("post", "/sessions/{session_id}/config"): "ConfigChange",
+               ("post", "/sessions/{session_id}/resume"): "Resume",
+               ("post", "/sessions/{session_id}/model"): "ModelChange"}
+FRAME_MODELS = {"chat:message": "PromptWithImages", "permission:answer": "PermissionFrame",
+                "mode": "ModeChange", "cancel": None, "ping": None}
 BOUND_KEYS = ("type", "minLength", "maxLength", "maxItems", "maxProperties", "x-maxBytes",
               "x-maxComponentBytes", "pattern")
 #: Bounds the models leave to others: a cwd's (the manager's, in bytes: PATH_MAX, NAME_MAX; its
 #: errors say which), a prompt's size (the server's max_message_bytes, a 413; the spec states the
 #: default, checked by test_fuzz_bounds.py against AcpExtension).
 ENFORCED_ELSEWHERE = {("NewSession", "cwd"): {"maxLength", "x-maxBytes", "x-maxComponentBytes"},
-                      ("Prompt", "message"): {"maxLength", "x-maxBytes"}}
+                      ("Prompt", "message"): {"maxLength", "x-maxBytes"},
+                      ("PromptWithImages", "message"): {"maxLength", "x-maxBytes"}}
 
 
 def _bounds(schema: dict[str, Any], at: str = "") -> set[tuple[str, str, str]]:
@@ -652,8 +660,21 @@ def _bounds(schema: dict[str, Any], at: str = "") -> set[tuple[str, str, str]]:
     return out
 
 
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """A model's JSON schema with its ``$defs`` references (``#/$defs/X``) replaced by X."""
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return _inline(defs[ref.rsplit("/", 1)[1]], defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
 def _check_model(name: str, spec: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
-    model = getattr(api_models, name).model_json_schema()
+    raw = getattr(api_models, name).model_json_schema()
+    model = _inline(raw, raw.get("$defs", {}))
     props = {k: v for k, v in spec.get("properties", {}).items() if k not in ignore}
     problems = []
     if set(props) != set(model["properties"]):

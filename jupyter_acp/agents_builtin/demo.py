@@ -17,9 +17,19 @@ Commands (the first word of the prompt):
 ``/crash``           stream one chunk, then exit with status 3 mid-turn
 ``/oom``             allocate memory until the sandbox kills the process
 ``/fail``            answer the prompt with a JSON-RPC error
+``/recall``          reply "Demo agent remembers: ..." with the session's earlier prompts
 (config option)      ``style``: ``plain`` or ``shout`` (replies in upper case)
+(config option)      ``model`` (category ``model``): ``demo-small`` or ``demo-large``; a
+                     plain reply of ``demo-large`` starts with ``[demo-large]``
 anything else        reply "Demo agent (no LLM) heard N words: ..." in several chunks
 ==================  ==============================================================
+
+The commands are announced with ``available_commands_update`` after ``session/new``,
+``session/load`` and ``session/resume``. A prompt's resources (``@file`` mentions) and images are
+acknowledged first: "Demo agent got file NAME (N bytes)", "Demo agent got image TYPE (N bytes)".
+Sessions are kept in the agent's home (``~/.jupyter-acp-demo``), so a new process continues
+one with ``session/load`` (replayed) or ``session/resume`` (not replayed); ``session/close``
+forgets it in memory only.
 
 Tokens: input = words in the prompt, output = words in the reply. ``PromptResponse.usage`` is
 cumulative per session (like the ACP draft and claude-agent-acp); ``usage_update`` carries the
@@ -30,6 +40,7 @@ context used (the cumulative total), a 100,000-token window and a cumulative cos
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -47,6 +58,29 @@ USD_PER_TOKEN = 0.000002
 MODES = [("default", "Ask before writing"), ("yolo", "Write without asking")]
 #: The demo's one config option (``session/set_config_option``): how replies are written.
 STYLES = [("plain", "Plain"), ("shout", "Upper case")]
+#: The demo's "models" (a config option of category ``model``): only the reply's prefix differs.
+MODELS = [("demo-small", "Demo small"), ("demo-large", "Demo large")]
+#: What ``available_commands_update`` announces (name, description, input hint).
+COMMANDS = [("recall", "Repeat the earlier prompts of this session", None),
+            ("write", "Write a file (asks permission)", "NAME TEXT"),
+            ("read", "Read a file", "NAME"),
+            ("shell", "Run a command in a terminal", "COMMAND LINE"),
+            ("plan", "Send a three-step plan", None)]
+
+
+def _describe_block(block: Any) -> str:
+    """How the demo acknowledges a non-text prompt block (the tests read these words)."""
+    if isinstance(block, schema.ImageContentBlock):
+        size = len(base64.b64decode(block.data, validate=False))
+        return f"Demo agent got image {block.mime_type} ({size} bytes)."
+    if isinstance(block, schema.EmbeddedResourceContentBlock):
+        res = block.resource
+        data = (res.text.encode() if isinstance(res, schema.TextResourceContents)
+                else base64.b64decode(res.blob, validate=False))
+        return f"Demo agent got file {res.uri.rsplit('/', 1)[-1]} ({len(data)} bytes)."
+    if isinstance(block, schema.ResourceContentBlock):
+        return f"Demo agent got a link to {block.name} ({block.size or 0} bytes)."
+    return f"Demo agent got a {getattr(block, 'type', '?')} block."
 
 
 def count_tokens(text: str) -> int:
@@ -57,12 +91,16 @@ def count_tokens(text: str) -> int:
 class DemoAgent:
     """Implements the ``acp.Agent`` protocol (only what the demo needs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, restore: str = "all") -> None:
+        #: which ways to restore a session the demo advertises: ``all`` (resume and load),
+        #: ``load`` (no resume), ``none`` (tests of the clients' fallbacks: ``--restore=``)
+        self.restore = restore
         self.conn: Any = None
         self.sessions: dict[str, dict[str, Any]] = {}
         self.cancelled: dict[str, asyncio.Event] = {}
         self.state_dir = Path(os.environ.get("HOME") or ".") / ".jupyter-acp-demo"
         self.client_has_terminal = False
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def on_connect(self, conn: Any) -> None:
         self.conn = conn
@@ -73,7 +111,12 @@ class DemoAgent:
         self.client_has_terminal = bool(client_capabilities and client_capabilities.terminal)
         return schema.InitializeResponse(
             protocol_version=acp.PROTOCOL_VERSION,
-            agent_capabilities=schema.AgentCapabilities(load_session=True),
+            agent_capabilities=schema.AgentCapabilities(
+                load_session=self.restore != "none",
+                prompt_capabilities=schema.PromptCapabilities(image=True, embedded_context=True),
+                session_capabilities=schema.SessionCapabilities(
+                    resume=schema.SessionResumeCapabilities() if self.restore == "all" else None,
+                    close=schema.SessionCloseCapabilities())),
             agent_info=schema.Implementation(name="jupyter-acp-demo", title="Demo agent (no LLM)",
                                              version="1"),
         )
@@ -85,30 +128,74 @@ class DemoAgent:
         )
 
     @staticmethod
-    def _config(style: str) -> list[schema.SessionConfigOptionSelect | schema.SessionConfigOptionBoolean]:
+    def _config(state: dict[str, Any]
+                ) -> list[schema.SessionConfigOptionSelect | schema.SessionConfigOptionBoolean]:
         return [schema.SessionConfigOptionSelect(
-            type="select", id="style", name="Reply style (demo)", current_value=style,
-            options=[schema.SessionConfigSelectOption(value=v, name=n) for v, n in STYLES])]
+                    type="select", id="style", name="Reply style (demo)",
+                    current_value=state.get("style", "plain"),
+                    options=[schema.SessionConfigSelectOption(value=v, name=n) for v, n in STYLES]),
+                schema.SessionConfigOptionSelect(
+                    type="select", id="model", name="Model (demo)", category="model",
+                    current_value=state.get("model", MODELS[0][0]),
+                    options=[schema.SessionConfigSelectOption(value=v, name=n) for v, n in MODELS])]
+
+    async def _announce_commands(self, sid: str) -> None:
+        """Announced after the response that opened the session (like real agents do)."""
+        await asyncio.sleep(0)
+        commands = [schema.AvailableCommand(
+            name=name, description=text,
+            input=schema.AvailableCommandInput(schema.UnstructuredCommandInput(hint=hint)) if hint else None)
+            for name, text, hint in COMMANDS]
+        await self.conn.session_update(session_id=sid, update=helpers.update_available_commands(commands))
+
+    def _later(self, aw: Any) -> None:
+        task = asyncio.get_running_loop().create_task(aw)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def new_session(self, cwd: str, additional_directories=None, mcp_servers=None,
                           **kwargs: Any) -> schema.NewSessionResponse:
         sid = f"demo-{uuid.uuid4().hex[:12]}"
-        self.sessions[sid] = {"cwd": cwd, "mode": "default", "style": "plain", "history": [],
-                              "usage": [0, 0]}
+        self.sessions[sid] = {"cwd": cwd, "mode": "default", "style": "plain", "model": MODELS[0][0],
+                              "history": [], "usage": [0, 0]}
         self._save(sid)
+        self._later(self._announce_commands(sid))
         return schema.NewSessionResponse(session_id=sid, modes=self._modes("default"),
-                                         config_options=self._config("plain"))
+                                         config_options=self._config(self.sessions[sid]))
 
     async def set_config_option(self, config_id: str, session_id: str, value: str | bool, **kwargs: Any):
         state = self._session(session_id)
-        if config_id != "style" or value not in dict(STYLES):
+        choices = {"style": STYLES, "model": MODELS}.get(config_id)
+        if choices is None or value not in dict(choices):
             raise RequestError.invalid_params({"config_id": config_id, "value": value})
-        state["style"] = value
+        state[config_id] = value
         self._save(session_id)
-        return schema.SetSessionConfigOptionResponse(config_options=self._config(value))
+        return schema.SetSessionConfigOptionResponse(config_options=self._config(state))
 
     async def load_session(self, cwd: str, session_id: str, mcp_servers=None, additional_directories=None,
                            **kwargs: Any):
+        state = self._restore(session_id, cwd)
+        for role, text in state["history"]:
+            update = (helpers.update_user_message_text(text) if role == "user"
+                      else helpers.update_agent_message_text(text))
+            await self.conn.session_update(session_id=session_id, update=update)
+        self._later(self._announce_commands(session_id))
+        return schema.LoadSessionResponse(modes=self._modes(state["mode"]),
+                                          config_options=self._config(state))
+
+    async def resume_session(self, session_id: str, cwd: str, additional_directories: Any = None,
+                             mcp_servers: Any = None, **kwargs: Any) -> schema.ResumeSessionResponse:
+        state = self._restore(session_id, cwd)  # (no replay: that is what resume is for)
+        self._later(self._announce_commands(session_id))
+        return schema.ResumeSessionResponse(modes=self._modes(state["mode"]),
+                                            config_options=self._config(state))
+
+    async def close_session(self, session_id: str, **kwargs: Any) -> schema.CloseSessionResponse:
+        self._session(session_id)
+        self.sessions.pop(session_id, None)  # (its file stays: it can be loaded again)
+        return schema.CloseSessionResponse()
+
+    def _restore(self, session_id: str, cwd: str) -> dict[str, Any]:
         path = self.state_dir / f"{session_id}.json"
         try:
             state = json.loads(path.read_text())
@@ -116,12 +203,7 @@ class DemoAgent:
             raise RequestError.resource_not_found(session_id) from None
         state["cwd"] = cwd
         self.sessions[session_id] = state
-        for role, text in state["history"]:
-            update = (helpers.update_user_message_text(text) if role == "user"
-                      else helpers.update_agent_message_text(text))
-            await self.conn.session_update(session_id=session_id, update=update)
-        return schema.LoadSessionResponse(modes=self._modes(state["mode"]),
-                                          config_options=self._config(state.get("style", "plain")))
+        return state
 
     def _save(self, sid: str) -> None:
         try:
@@ -154,7 +236,9 @@ class DemoAgent:
     # -- a prompt turn -----------------------------------------------------------------------
     async def prompt(self, session_id: str, prompt: list[Any], **kwargs: Any) -> schema.PromptResponse:
         state = self._session(session_id)
-        text = " ".join(getattr(b, "text", "") for b in prompt).strip()
+        text = " ".join(getattr(b, "text", "") for b in prompt
+                        if isinstance(b, schema.TextContentBlock)).strip()
+        received = [_describe_block(b) for b in prompt if not isinstance(b, schema.TextContentBlock)]
         cancel = self.cancelled[session_id] = asyncio.Event()
         words = text.split()
         command, args = (words[0], words[1:]) if words else ("", [])
@@ -162,12 +246,16 @@ class DemoAgent:
         reply_parts: list[str] = []
         stop: schema.StopReason = "end_turn"
         try:
+            if received:
+                reply_parts = await self._say(session_id, " ".join(received) + " ")
             if handler is None:
-                reply_parts = await self._say(
-                    session_id, f"Demo agent (no LLM) heard {len(words)} words: {text}")
+                model = state.get("model", MODELS[0][0])  # (the default one's replies are unchanged)
+                prefix = f"[{model}] " if model != MODELS[0][0] else ""
+                reply_parts += await self._say(
+                    session_id, f"{prefix}Demo agent (no LLM) heard {len(words)} words: {text}")
             else:
                 reply, stop = await handler(session_id, state, args, cancel)
-                reply_parts = [reply] if reply else []
+                reply_parts += [reply] if reply else []
         finally:
             self.cancelled.pop(session_id, None)
         reply = "".join(reply_parts)
@@ -292,6 +380,10 @@ class DemoAgent:
                 hog[-1][i] = 1
             await asyncio.sleep(0)
 
+    async def _cmd_recall(self, sid, state, args, cancel):
+        prompts = [text for role, text in state["history"] if role == "user"]
+        return (await self._reply(sid, "Demo agent remembers: " + " | ".join(prompts))), "end_turn"
+
     async def _cmd_fail(self, sid, state, args, cancel):
         raise RequestError.internal_error({"details": "the demo agent failed on purpose (/fail)"})
 
@@ -310,11 +402,6 @@ if TYPE_CHECKING:
         async def fork_session(self, session_id: str, cwd: str, additional_directories: Any = None,
                                mcp_servers: Any = None, **kwargs: Any) -> schema.ForkSessionResponse: ...
 
-        async def resume_session(self, session_id: str, cwd: str, additional_directories: Any = None,
-                                 mcp_servers: Any = None, **kwargs: Any) -> schema.ResumeSessionResponse: ...
-
-        async def close_session(self, session_id: str, **kwargs: Any) -> None: ...
-
         async def ext_method(self, method: str, params: dict[str, Any]) -> dict[str, Any]: ...
 
         async def ext_notification(self, method: str, params: dict[str, Any]) -> None: ...
@@ -325,9 +412,11 @@ if TYPE_CHECKING:
 
 def main() -> None:
     # The SDK's Agent protocol lists every method, but its router looks each one up with
-    # getattr and answers a missing one "method not found" (fork, resume and close are unstable
-    # besides: merely defining them makes the SDK warn). The demo implements what it offers.
-    asyncio.run(acp.run_agent(cast(Agent, DemoAgent())))
+    # getattr and answers a missing one "method not found". The SDK counts session/resume and
+    # session/close as unstable (it refuses them unless told otherwise), though the protocol
+    # and the real agents have them: the demo offers them, like Qwen Code and Codex do.
+    restore = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--restore=")), "all")
+    asyncio.run(acp.run_agent(cast(Agent, DemoAgent(restore)), use_unstable_protocol=True))
 
 
 if __name__ == "__main__":

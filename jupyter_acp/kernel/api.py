@@ -132,11 +132,34 @@ class AcpApi:
     def session(self, session_id: str) -> dict[str, Any]:
         return self.request("GET", f"sessions/{_quote(session_id)}")
 
-    def stop(self, session_id: str) -> None:
+    def resume(self, session_id: str) -> dict[str, Any]:
+        """Bring a suspended session back (a fresh sandbox; the agent continues through ACP
+        ``session/resume`` or ``session/load``, see the model's ``restore``); a live one is
+        returned as is, so calling it is always safe before using a session."""
+        return self.request("POST", f"sessions/{_quote(session_id)}/resume")
+
+    def close(self, session_id: str) -> dict[str, Any]:
+        """End the session's agent but keep the session (``suspended``): it stays listed and
+        ``resume`` continues it. Returns the session model."""
+        return self.request("POST", f"sessions/{_quote(session_id)}/close")
+
+    def delete(self, session_id: str) -> None:
+        """Forget the session: its agent is stopped, its stored history and agent home removed."""
         self.request("DELETE", f"sessions/{_quote(session_id)}")
 
-    def message(self, session_id: str, text: str) -> dict[str, Any]:
-        return self.request("POST", f"sessions/{_quote(session_id)}/messages", {"message": text})
+    def stop(self, session_id: str) -> None:
+        """``delete`` under its old name (``DELETE`` used to only stop a session; it now forgets
+        it): kept so that existing scripts go on working. To keep a session, ``close`` it."""
+        self.delete(session_id)
+
+    def message(self, session_id: str, text: str, images: list[dict[str, str]] | None = None
+                ) -> dict[str, Any]:
+        """One prompt over REST (the reply when the turn ends). ``@path`` mentions in ``text``
+        are resolved by the server; ``images``: ``[{"mime_type", "data": base64}]``."""
+        body: dict[str, Any] = {"message": text}
+        if images:
+            body["images"] = images
+        return self.request("POST", f"sessions/{_quote(session_id)}/messages", body)
 
     def cancel(self, session_id: str) -> bool:
         return self.request("POST", f"sessions/{_quote(session_id)}/cancel")["cancelled"]
@@ -152,6 +175,24 @@ class AcpApi:
         if mode_id is None:
             return self.request("GET", f"sessions/{_quote(session_id)}/mode")
         return self.request("POST", f"sessions/{_quote(session_id)}/mode", {"mode_id": mode_id})
+
+    def model(self, session_id: str, value: str | None = None) -> dict[str, Any]:
+        """The agent's model choice ``{config_id, current, available: [{value, name,
+        description}]}`` (as narrowed by the admin); with ``value``, switch to it first."""
+        if value is None:
+            return self.request("GET", f"sessions/{_quote(session_id)}/model")
+        return self.request("POST", f"sessions/{_quote(session_id)}/model", {"model": value})
+
+    def commands(self, session_id: str) -> list[dict[str, Any]]:
+        """The agent's slash commands ``[{name, description, input: {hint} | None}]`` (names
+        without the slash): the latest ACP ``available_commands_update``, as the server keeps it
+        in the session model (there is no endpoint of their own)."""
+        return self.session(session_id).get("available_commands") or []
+
+    def files(self, session_id: str, prefix: str = "") -> list[str]:
+        """Workspace paths (relative to the session's cwd) starting with ``prefix``, for
+        completing an ``@path`` mention; directories end with ``/`` (at most 50)."""
+        return self.request("GET", f"sessions/{_quote(session_id)}/files", params={"prefix": prefix})["files"]
 
     def usage(self) -> dict[str, Any]:
         return self.request("GET", "usage")
@@ -195,8 +236,11 @@ class AcpApi:
             frames.close()
 
     def stream(self, session_id: str, text: str, on_event: Callable[[dict[str, Any]], None],
-               on_interrupt: Callable[[], None] | None = None) -> dict[str, Any]:
-        """Send ``text`` as a prompt and feed every event to ``on_event`` until the turn ends.
+               on_interrupt: Callable[[], None] | None = None,
+               images: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        """Send ``text`` (and ``images``, as for ``message``) as a prompt and feed every event to
+        ``on_event`` until the turn ends. The server resolves ``text``'s ``@path`` mentions; the
+        turn's ``chat:message`` event lists what went with it in ``data.attachments``.
 
         Returns the ``chat:response`` data (text, stop_reason, usage), with ``"error"``: the
         message of the turn's ``error`` event when it failed (the server sends it before the
@@ -208,7 +252,10 @@ class AcpApi:
         on to the turn's (cancelled) end.
         """
         with self.socket(session_id) as ws:
-            ws.send(json.dumps({"type": "chat:message", "message": text}))
+            prompt: dict[str, Any] = {"type": "chat:message", "message": text}
+            if images:
+                prompt["images"] = images
+            ws.send(json.dumps(prompt))
             started = False  # our chat:message event was seen: the turn runs on the server
             turn: int | None = None
             errors: list[str] = []
@@ -220,6 +267,11 @@ class AcpApi:
                         ws.send(json.dumps({"type": "cancel"}))
                     except Exception:  # (interrupted while the socket was being resumed)
                         self.cancel(session_id)
+                    if not started:
+                        # no sign of our turn at the server (a refusal that never came back, a
+                        # slow start): the cancel above stops it should it start; waiting on
+                        # would leave the cell stuck with nothing to cancel
+                        raise AcpApiError("Interrupted before the agent started the turn") from None
                     if on_interrupt is not None:
                         on_interrupt()
                     continue
@@ -340,6 +392,20 @@ def _closed(e: Any) -> AcpApiError:
     why = f"{rcvd.code} {rcvd.reason}".strip() if rcvd is not None else "no close frame"
     return AcpApiError(f"Lost the connection to the Jupyter server ({why}); the turn may still "
                        "run there (see %acp stats)")
+
+
+def attachment_text(item: dict[str, Any]) -> str:
+    """One line for something that went with a prompt (an item of a ``chat:message`` event's
+    ``data.attachments``), e.g. ``📎 notes.txt (123 bytes)``: how ``%%acp`` and ``ChatPanel``
+    show that an ``@file`` mention or an image really reached the agent."""
+    name = str(item.get("name") or item.get("uri") or "?")
+    size = item.get("size")
+    details = [f"{size} bytes"] if isinstance(size, int) else []
+    if item.get("type") == "image" and item.get("mime_type"):
+        details.insert(0, str(item["mime_type"]))
+    elif item.get("type") == "resource_link":
+        details.append("as a link")  # (the agent was given its path and reads it itself)
+    return f"📎 {name}" + (f" ({', '.join(details)})" if details else "")
 
 
 def _quote(part: str) -> str:

@@ -1,5 +1,6 @@
 // ChatPanel front end (anywidget ESM, no build step). The kernel sends only what is new:
-// "snapshot" once per view, then "user", "delta" (reply text), "tool", "done", "error".
+// "snapshot" once per view, then "user", "attachments" (what went with the prompt: @file
+// mentions, one line each), "delta" (reply text), "tool", "done", "error".
 
 function escapeHtml(text) {
   return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -38,6 +39,7 @@ function render({ model, el: root }) {
     .acp-chat header { display: flex; gap: 12px; align-items: center; font-size: 12px; color: #555; }
     .acp-chat .acp-log { max-height: 420px; overflow-y: auto; margin: 8px 0; }
     .acp-chat .acp-user { background: #eef4ff; border-radius: 6px; padding: 4px 8px; margin: 4px 0; white-space: pre-wrap; }
+    .acp-chat .acp-attachment { color: #555; font-size: 90%; white-space: normal; }
     .acp-chat .acp-agent { padding: 2px 8px; }
     .acp-chat .acp-tool { font-size: 12px; border-left: 3px solid #999; padding: 2px 8px; margin: 4px 0; }
     .acp-chat .acp-tool pre { background: #f6f6f6; max-height: 160px; overflow: auto; }
@@ -66,11 +68,17 @@ function render({ model, el: root }) {
   let replyText = "";
   const cards = new Map();
 
-  function addUser(text) {
-    log.append(el("div", "acp-user", text));
+  let user = null; // the user message of the latest turn
+  function addUser(text, attachments) {
+    user = el("div", "acp-user", text);
+    log.append(user);
+    addAttachments(attachments);
     reply = el("div", "acp-agent");
     replyText = "";
     log.append(reply);
+  }
+  function addAttachments(lines) {
+    for (const line of lines || []) if (user) user.append(el("div", "acp-attachment", line));
   }
   function addDelta(text) {
     if (!reply) {
@@ -127,11 +135,12 @@ function render({ model, el: root }) {
       cards.clear();
       reply = null;
       for (const m of msg.messages || []) {
-        if (m.role === "user") addUser(m.text);
+        if (m.role === "user") addUser(m.text, m.attachments);
         else if (m.role === "agent") addDelta(m.text);
         else if (m.role === "tool") showTool(m);
       }
     } else if (msg.type === "user") addUser(msg.text);
+    else if (msg.type === "attachments") addAttachments(msg.lines);
     else if (msg.type === "delta") addDelta(msg.text);
     else if (msg.type === "tool") showTool(msg);
     else if (msg.type === "error") error.textContent = msg.message;

@@ -7,15 +7,18 @@ the server (``api.py``), so the same sessions show in the JupyterLab sidebar.
 from __future__ import annotations
 
 import argparse
+import base64
+import mimetypes
 import shlex
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import HTML, Markdown, display
 
-from .api import AcpApi, AcpApiError, SessionGone
+from .api import AcpApi, AcpApiError, SessionGone, attachment_text
 
 USAGE = """Agent sessions from notebook cells (jupyter-acp).
 
@@ -24,20 +27,31 @@ Line magic ``%acp COMMAND``:
   %acp agents                            the agents this server offers (and why others are not)
   %acp start [--agent NAME] [--new] [--cwd DIR]
                                          start a session (or reuse my live one) and use it
-  %acp sessions                          my sessions; * marks the one in use
+  %acp sessions                          my sessions, live and suspended, newest first, with
+                                         their state and title; * marks the one in use
   %acp use ID                            use another of my sessions (an id prefix is enough)
-  %acp stop [ID]                         stop a session (default: the one in use)
+  %acp resume ID                         bring a suspended session back (its agent continues
+                                         where it was) and use it
+  %acp close [ID]                        suspend a session (default: the one in use): its agent
+                                         ends, the session stays listed and resumable
+  %acp stop [ID]                         the same as close
+  %acp delete ID                         forget a session: its history is removed for good
   %acp stats [ID] [--plot]               state, turns and tokens; --plot charts tokens per turn
   %acp usage                             my tokens per day, and my quota
   %acp mode [MODE]                       show or switch the session's mode (e.g. default, yolo)
+  %acp model [NAME]                      the agent's models (* marks the current one), or switch
+  %acp commands                          the agent's slash commands (use them as /name in %%acp)
   %acp cancel                            cancel the running turn of the session in use
   %acp chat [--agent NAME]               a chat panel widget on the session in use
 
-Cell magic ``%%acp [--session ID] [--permissions ask|allow|deny]``: the cell is the prompt; the
-reply streams into the output as Markdown, tool calls one line each, then the turn's tokens.
-With no session in use, one is started with the default agent. Permission requests are asked
-with an input box (``ask``, the default) or answered by ``allow`` / ``deny``. Interrupting the
-kernel (the stop button) cancels the turn at the agent.
+Cell magic ``%%acp [--session ID] [--permissions ask|allow|deny] [--image FILE ...]``: the cell
+is the prompt; the reply streams into the output as Markdown, tool calls one line each, then the
+turn's tokens. ``@path`` (or ``@"a b.txt"``) names a workspace file to send along, ``/name`` runs
+one of the agent's commands; what went with the prompt is listed (📎 NAME (N bytes)). With no
+session in use, one is started with the default agent; a session in use that was suspended
+(idle, or a server restart) is resumed. Permission requests are asked with an input box
+(``ask``, the default) or answered by ``allow`` / ``deny``. Interrupting the kernel (the stop
+button) cancels the turn at the agent.
 """
 
 
@@ -70,12 +84,17 @@ def _parser() -> _Parser:
     start.add_argument("--cwd")
     sub.add_parser("sessions", add_help=False)
     sub.add_parser("use", add_help=False).add_argument("id")
+    sub.add_parser("resume", add_help=False).add_argument("id")
+    sub.add_parser("close", add_help=False).add_argument("id", nargs="?")
     sub.add_parser("stop", add_help=False).add_argument("id", nargs="?")
+    sub.add_parser("delete", add_help=False).add_argument("id")
     stats = sub.add_parser("stats", add_help=False)
     stats.add_argument("id", nargs="?")
     stats.add_argument("--plot", action="store_true")
     sub.add_parser("usage", add_help=False)
     sub.add_parser("mode", add_help=False).add_argument("mode", nargs="?")
+    sub.add_parser("model", add_help=False).add_argument("model", nargs="?")
+    sub.add_parser("commands", add_help=False)
     sub.add_parser("cancel", add_help=False)
     sub.add_parser("chat", add_help=False).add_argument("--agent")
     for sp in sub.choices.values():
@@ -87,7 +106,37 @@ def _cell_parser() -> _Parser:
     parser = _Parser(prog="%%acp", add_help=False)
     parser.add_argument("--session")
     parser.add_argument("--permissions", choices=["ask", "allow", "deny"], default="ask")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE")
     return parser
+
+
+#: How the server's close reason of a suspended session's socket begins (docs/api.md).
+SUSPENDED = "The session is suspended"
+
+#: Seconds ``%acp commands`` waits for an agent's first announcement of its commands.
+COMMANDS_WAIT = 2.0
+
+#: The image types the server accepts in a prompt (docs/api.md); checked here too so that a
+#: wrong file is said before anything is sent.
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+
+
+def _image(path: str) -> dict[str, str]:
+    """A prompt's image block from a file of the kernel's (read here: the kernel's files need
+    not be the agent's workspace); the server checks the count and the size."""
+    mime = mimetypes.guess_type(path)[0]
+    if mime not in IMAGE_TYPES:
+        raise MagicError(f"{path}: not an image the agent can take ({', '.join(IMAGE_TYPES)})")
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise MagicError(f"Cannot read the image {path}: {e.strerror or e}") from None
+    return {"mime_type": mime, "data": base64.b64encode(data).decode()}
+
+
+def _plain(text: str) -> str:
+    """``text`` shown literally in Markdown (a file name with ``*`` or ``_`` stays as it is)."""
+    return "".join("\\" + c if c in "\\`*_[]<>|#" else c for c in text)
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -97,6 +146,11 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters for a table cell."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def svg_bars(values: list[int], labels: list[str], title: str) -> str:
@@ -119,10 +173,12 @@ def svg_bars(values: list[int], labels: list[str], title: str) -> str:
 
 
 class TurnRenderer:
-    """Streams one turn into the cell output: Markdown updated in place, tool calls one line each."""
+    """Streams one turn into the cell output: Markdown updated in place, what went with the
+    prompt (``@file`` mentions, images) one line each, then tool calls one line each."""
 
     def __init__(self, min_interval: float = 0.1) -> None:
         self.text = ""
+        self.attachments: list[str] = []
         self.tools: dict[str, str] = {}
         self.state: dict[str, tuple[str, str]] = {}
         self.order: list[str] = []
@@ -131,8 +187,10 @@ class TurnRenderer:
         self._last = 0.0
 
     def markdown(self) -> str:
+        # (a hard line break, two spaces, between the attachments: one line each, one paragraph)
+        head = "  \n".join(self.attachments) + "\n\n" if self.attachments else ""
         lines = [self.tools[t] for t in self.order]
-        return ("\n".join(lines) + "\n\n" if lines else "") + (self.text or "*…*")
+        return head + ("\n".join(lines) + "\n\n" if lines else "") + (self.text or "*…*")
 
     def refresh(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -142,7 +200,10 @@ class TurnRenderer:
 
     def on_event(self, frame: dict[str, Any]) -> None:
         data = frame.get("data") or {}
-        if frame["type"] == "session/update":
+        if frame["type"] == "chat:message":  # our prompt, as the server sent it to the agent
+            self.attachments = [_plain(attachment_text(a)) for a in data.get("attachments") or []
+                                if isinstance(a, dict)]
+        elif frame["type"] == "session/update":
             kind = data.get("sessionUpdate")
             if kind == "agent_message_chunk" and (data.get("content") or {}).get("type") == "text":
                 self.text += data["content"]["text"]
@@ -196,12 +257,18 @@ class AcpMagics(Magics):
             args = _cell_parser().parse_args(shlex.split(line))
             if not cell.strip():
                 raise MagicError("The cell is empty: write the prompt below %%acp")
+            images = [_image(path) for path in args.image]
             session_id = self._resolve(args.session) if args.session else self._ensure_session()
-            return self._turn(session_id, cell.strip(), args.permissions)
+            # the cell as written (only the blank lines and spaces around it go): ``@path``
+            # mentions are the server's to resolve, against the session's workspace
+            return self._turn(session_id, cell.strip(), args.permissions, images)
         except SessionGone as e:
             # the session ended (deleted elsewhere, culled when idle, a server restart): said
-            # once; the session in use is forgotten so that the next cell does not fail the same way
-            if session_id is not None and session_id == self.current:
+            # once; the session in use is forgotten so that the next cell does not fail the same
+            # way — unless it was only suspended meanwhile: the next cell resumes it then
+            if e.message.startswith(SUSPENDED):
+                print(f"acp: {e} — the next %%acp resumes it")
+            elif session_id is not None and session_id == self.current:
                 self.current = None
                 print(f"acp: {e} — the next %%acp starts a new session")
             else:
@@ -225,6 +292,28 @@ class AcpMagics(Magics):
                              else f"{prefix!r} matches several sessions; give more of the id")
         return matches[0]
 
+    def _awake(self, session_id: str) -> None:
+        """Resume ``session_id`` if it is suspended (culled when idle, a server restart): a
+        suspended session takes no prompt nor switch, and the person at the notebook meant to go
+        on. One that does not exist (any more) raises ``SessionGone``, as a turn's socket would."""
+        try:
+            session = self.api.session(session_id)
+        except AcpApiError as e:
+            if e.status == 404:
+                raise SessionGone(e.message) from None
+            raise
+        if session.get("state") == "suspended":
+            resumed = self.api.resume(session_id)  # (said after: a failure is its one line)
+            print(f"acp: resumed session {session_id[:12]} (it was suspended)")
+            self._say_restore(resumed)
+
+    @staticmethod
+    def _say_restore(session: dict[str, Any]) -> None:
+        """A line when the agent came back without its context (``restore: fresh``)."""
+        if session.get("restore") == "fresh":
+            print("acp: the agent could not restore its context and starts afresh "
+                  "(the transcript is kept)")
+
     def _ensure_session(self) -> str:
         if self.current is not None:
             return self.current
@@ -233,7 +322,9 @@ class AcpMagics(Magics):
         print(f"acp: started {session['agent_display_name']} (session {session['id'][:8]})")
         return self.current
 
-    def _turn(self, session_id: str, prompt: str, policy: str) -> None:
+    def _turn(self, session_id: str, prompt: str, policy: str,
+              images: list[dict[str, str]] | None = None) -> None:
+        self._awake(session_id)
         renderer = TurnRenderer()
 
         def on_event(frame: dict[str, Any]) -> None:
@@ -242,7 +333,7 @@ class AcpMagics(Magics):
                 self._permission(session_id, frame["data"], policy)
 
         result = self.api.stream(session_id, prompt, on_event,
-                                 on_interrupt=lambda: print("acp: cancelling the turn…"))
+                                 on_interrupt=lambda: print("acp: cancelling the turn…"), images=images)
         renderer.refresh(force=True)
         usage = result.get("usage") or {}
         footer = (f"*{result.get('stop_reason')} · tokens: {usage.get('input_tokens', 0)} in, "
@@ -289,20 +380,47 @@ class AcpMagics(Magics):
         if not sessions:
             print("acp: no sessions; %acp start")
             return
+        sessions.sort(key=lambda s: s.get("last_activity") or 0, reverse=True)
         rows = [[("* " if s["id"] == self.current else "") + s["id"][:12], s["agent"], s["state"],
-                 s["turns"], s["tokens"]["total_tokens"]] for s in sessions]
-        display(Markdown(_table(rows, ["session", "agent", "state", "turns", "tokens"])))
+                 _short(s.get("title") or ""), s["turns"], (s.get("tokens") or {}).get("total_tokens", 0)]
+                for s in sessions]
+        display(Markdown(_table(rows, ["session", "agent", "state", "title", "turns", "tokens"])))
 
     def _cmd_use(self, args: argparse.Namespace) -> None:
         self.current = self._resolve(args.id)
-        print(f"acp: using session {self.current}")
+        suspended = self.api.session(self.current).get("state") == "suspended"
+        print(f"acp: using session {self.current}" + (" (suspended: the next %%acp resumes it)"
+                                                       if suspended else ""))
+
+    def _cmd_resume(self, args: argparse.Namespace) -> None:
+        session_id = self._resolve(args.id)
+        session = self.api.resume(session_id)
+        self.current = session_id
+        # ("fresh": said on a line of its own by _say_restore)
+        how = {"resume": "its agent resumed it", "load": "its agent reloaded it"}.get(
+            session.get("restore") or "", "")
+        print(f"acp: using session {session_id} ({session.get('state', 'ready')}"
+              + (f"; {how}" if how else "") + ")")
+        self._say_restore(session)
+
+    def _cmd_close(self, args: argparse.Namespace, verb: str = "closed") -> None:
+        session_id = self._resolve(args.id)
+        self.api.close(session_id)
+        if session_id == self.current:
+            self.current = None  # (closed on purpose: the next %%acp does not bring it back)
+        print(f"acp: {verb} session {session_id} — suspended; %acp resume {session_id[:8]} "
+              "continues it")
 
     def _cmd_stop(self, args: argparse.Namespace) -> None:
+        """``close`` under its older name (the notebooks and people's habits say ``stop``)."""
+        self._cmd_close(args, verb="stopped")
+
+    def _cmd_delete(self, args: argparse.Namespace) -> None:
         session_id = self._resolve(args.id)
-        self.api.stop(session_id)
+        self.api.delete(session_id)
         if session_id == self.current:
             self.current = None
-        print(f"acp: stopped session {session_id}")
+        print(f"acp: deleted session {session_id} and its history")
 
     def _cmd_stats(self, args: argparse.Namespace) -> None:
         session_id = self._resolve(args.id)
@@ -330,14 +448,62 @@ class AcpMagics(Magics):
         print(f"acp: {quota['used_today']} tokens today" +
               (f" of {limit} ({quota['remaining']} left)" if limit else " (no daily quota)"))
 
+    def _suspended(self, session_id: str) -> dict[str, Any] | None:
+        """The session's model if it is suspended, else None: the server answers questions
+        about a live agent (its mode, a running turn) only for a live session."""
+        session = self.api.session(session_id)
+        return session if session.get("state") == "suspended" else None
+
     def _cmd_mode(self, args: argparse.Namespace) -> None:
         session_id = self._resolve(None)
+        if args.mode is not None:
+            self._awake(session_id)
+        elif self._suspended(session_id):
+            raise MagicError(f"Session {session_id[:12]} is suspended: its agent's modes are known "
+                             f"once it runs (%acp resume {session_id[:8]}, or %acp mode MODE)")
         modes = self.api.mode(session_id, args.mode)
         names = ", ".join(m["id"] for m in modes["available"]) or "none"
         print(f"acp: mode {modes['current']} (available: {names})")
 
+    def _cmd_model(self, args: argparse.Namespace) -> None:
+        session_id = self._resolve(None)
+        if args.model is not None:
+            self._awake(session_id)  # (a switch needs the agent)
+            print(f"acp: model {self.api.model(session_id, args.model).get('current')}")
+            return
+        # the session model has the choice, kept while suspended too (the model endpoint asks
+        # the live session only)
+        session = self.api.session(session_id)
+        models = session.get("models")
+        if not models:
+            raise MagicError(f"{session.get('agent_display_name') or session.get('agent')} offers "
+                             "no choice of model")
+        rows = [[("* " if m.get("value") == models.get("current") else "") + str(m.get("value")),
+                 m.get("name") or "", m.get("description") or ""] for m in models.get("available") or []]
+        display(Markdown(_table(rows, ["model", "name", "description"])))
+
+    def _cmd_commands(self, args: argparse.Namespace) -> None:
+        session_id = self._resolve(None)
+        commands = self.api.commands(session_id)
+        # agents announce their commands just after the session opens (an ACP notification, not
+        # the answer): a cell run right after %acp start may come before them, so wait a little
+        deadline = time.monotonic() + COMMANDS_WAIT
+        while not commands and time.monotonic() < deadline:
+            time.sleep(0.1)
+            commands = self.api.commands(session_id)
+        if not commands:
+            print("acp: the agent has announced no slash commands")
+            return
+        rows = [["/" + str(c.get("name")), c.get("description") or "",
+                 ((c.get("input") or {}).get("hint") or "")] for c in commands]
+        display(Markdown(_table(rows, ["command", "description", "input"])))
+
     def _cmd_cancel(self, args: argparse.Namespace) -> None:
-        cancelled = self.api.cancel(self._resolve(None))
+        session_id = self._resolve(None)
+        if self._suspended(session_id):
+            print("acp: no turn is running (the session is suspended)")
+            return
+        cancelled = self.api.cancel(session_id)
         print("acp: cancelled the running turn" if cancelled else "acp: no turn is running")
 
     def _cmd_chat(self, args: argparse.Namespace) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 import anywidget
 import traitlets
 
-from .api import AcpApi, AcpApiError, SessionGone
+from .api import AcpApi, AcpApiError, SessionGone, attachment_text
 
 ESM = Path(__file__).with_name("chat_panel.js")
 
@@ -44,6 +44,8 @@ class ChatPanel(anywidget.AnyWidget):
         self.on_msg(self._on_front_end)
         try:
             session = self.api.session(session_id) if session_id else self.api.start(agent)
+            if session.get("state") == "suspended":  # (a panel is opened to go on with it)
+                session = self.api.resume(session["id"])
         except AcpApiError as e:
             self.status, self.error = "error", str(e)
             return
@@ -97,6 +99,10 @@ class ChatPanel(anywidget.AnyWidget):
         reply: dict[str, Any] = {"role": "agent", "text": ""}
         self.transcript.append(reply)
         try:
+            # a session suspended since the panel opened (culled when idle) takes no prompt:
+            # the person typing into it meant to go on, so it is resumed first
+            if self.api.session(self.session_id).get("state") == "suspended":
+                self.api.resume(self.session_id)
             result = self.api.stream(self.session_id, text, lambda frame: self._event(frame, reply))
         except AcpApiError as e:
             self._fail(str(e))
@@ -115,7 +121,14 @@ class ChatPanel(anywidget.AnyWidget):
     def _event(self, frame: dict[str, Any], reply: dict[str, Any]) -> None:
         data = frame.get("data") or {}
         kind = frame["type"]
-        if kind == "session/update":
+        if kind == "chat:message" and data.get("attachments"):
+            # what went with the prompt (@file mentions): under the user's message
+            lines = [attachment_text(a) for a in data["attachments"] if isinstance(a, dict)]
+            user = next((m for m in reversed(self.transcript) if m["role"] == "user"), None)
+            if user is not None:
+                user["attachments"] = lines
+            self.send({"type": "attachments", "lines": lines})
+        elif kind == "session/update":
             update = data.get("sessionUpdate")
             content = data.get("content")
             if (update == "agent_message_chunk" and isinstance(content, dict)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     bindparam,
     cast,
     func,
@@ -87,6 +88,35 @@ leases_table = Table(
     Column("created", Float, nullable=False),
     Column("expires", Float, nullable=False),
     Index("ix_acp_leases_user", "user", "expires"),
+)
+#: Persisted agent sessions (``session_store.py``): what a session is, so that it outlives the
+#: server and an idle cull and can be resumed; one row per session of every user.
+sessions_table = Table(
+    "acp_sessions",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("user", String(255), nullable=False),
+    Column("agent", String(255), nullable=False),
+    Column("acp_session_id", Text),  # the agent's own id (session/load, session/resume)
+    Column("title", Text, nullable=False),
+    Column("cwd", Text, nullable=False),  # the session's workspace on the host
+    Column("state", String(16), nullable=False),  # "live" or "suspended"
+    Column("mode", String(255)),
+    Column("meta", Text, nullable=False),  # JSON: config options, commands, capabilities
+    Column("turns", Integer, nullable=False),
+    Column("last_seq", Integer, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("last_activity", Float, nullable=False),
+    Index("ix_acp_sessions_user", "user", "last_activity"),
+)
+#: Each stored session's events, as the API sends them (``history.wire_json``), bounded in
+#: bytes per session (``SessionStore.max_history_bytes``: the oldest go first).
+session_events_table = Table(
+    "acp_session_events",
+    metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("payload", Text, nullable=False),
 )
 #: Alembic's version table, named for us: the ledger may live in a database that has other
 #: Alembic-managed tables (JupyterHub's own ``alembic_version``, say).

@@ -41,6 +41,40 @@ export interface SessionInfo {
   cwd: string;
   sandbox: string | null;
   last_seq: number;
+  /** The first line of the first prompt ("" before it). */
+  title?: string;
+  /** Stored and resumable (true for `suspended` sessions). */
+  resumable?: boolean;
+  restore?: 'resume' | 'load' | 'fresh' | null;
+  available_commands?: CommandInfo[];
+  prompt_capabilities?: PromptCapabilities;
+  models?: ModelChoice | null;
+}
+
+/** A slash command the agent advertises (name without the slash). */
+export interface CommandInfo {
+  name: string;
+  description: string;
+  input?: { hint?: string } | null;
+}
+
+export interface PromptCapabilities {
+  image: boolean;
+  audio: boolean;
+  embeddedContext: boolean;
+}
+
+/** The agent's `model` config option, narrowed to what the admin allows. */
+export interface ModelChoice {
+  config_id: string;
+  current: string;
+  available: { value: string; name: string; description?: string | null }[];
+}
+
+/** An image sent with a prompt (base64 without the `data:` prefix). */
+export interface ImageBlock {
+  mime_type: string;
+  data: string;
 }
 
 export interface UsageInfo {
@@ -118,6 +152,10 @@ export class AcpApi {
     return (await this.request<{ sessions: SessionInfo[] }>('GET', ['sessions'])).sessions;
   }
 
+  session(id: string): Promise<SessionInfo> {
+    return this.request('GET', ['sessions', id]);
+  }
+
   createSession(agent: string | null, fresh: boolean): Promise<SessionInfo> {
     const body: Record<string, unknown> = { new: fresh };
     if (agent) {
@@ -126,8 +164,29 @@ export class AcpApi {
     return this.request('POST', ['sessions'], body);
   }
 
+  /** Forget a session (live or suspended): agent stopped, stored history removed. */
   deleteSession(id: string): Promise<void> {
     return this.request('DELETE', ['sessions', id]);
+  }
+
+  /** Bring a suspended session back (a live one is returned as is). */
+  resumeSession(id: string): Promise<SessionInfo> {
+    return this.request('POST', ['sessions', id, 'resume'], {});
+  }
+
+  /** End the agent but keep the session resumable (`suspended`). */
+  closeSession(id: string): Promise<SessionInfo> {
+    return this.request('POST', ['sessions', id, 'close'], {});
+  }
+
+  /** Workspace paths starting with `prefix` (directories end with "/"), for `@` completion. */
+  async files(id: string, prefix: string): Promise<string[]> {
+    const query = `?prefix=${encodeURIComponent(prefix)}`;
+    return (await this.request<{ files: string[] }>('GET', ['sessions', id, 'files'], undefined, query)).files ?? [];
+  }
+
+  setModel(id: string, model: string): Promise<ModelChoice> {
+    return this.request('POST', ['sessions', id, 'model'], { model });
   }
 
   usage(): Promise<UsageInfo> {

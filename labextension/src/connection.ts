@@ -6,12 +6,17 @@
  * seen twice. Frames sent while the socket is (re)connecting are queued, so "send to agent"
  * works right after a session is created. A session that is gone (close code 4404: deleted,
  * culled when idle, or unknown) is said once in the chat, and never reconnected.
+ *
+ * A suspended session (stored, no agent running) also closes with 4404, after replaying its
+ * transcript, with a reason starting "The session is suspended". That is not the end: the
+ * connection waits (`suspended`), and `resumed()` (after the panel POSTed `resume`) reconnects
+ * with `?since=` the last seq, since seqs continue across resumes.
  */
 
 import { ISignal, Signal } from '@lumino/signaling';
 
-import { AcpApi } from './api';
-import { emptyView, Frame, reduce, SessionView } from './reducer';
+import { AcpApi, ImageBlock } from './api';
+import { emptyView, Frame, reduce, SessionView, withSession } from './reducer';
 
 /**
  * Close code of a session that does not exist for this user (docs/api.md): unknown, another
@@ -21,6 +26,13 @@ export const GONE = 4404;
 
 /** What the chat says when the server gave no reason with its 4404. */
 export const GONE_MESSAGE = 'This session has ended (it was stopped, or cleaned up after being idle).';
+
+/** How the server's 4404 reason starts for a session that is stored but not running. */
+export const SUSPENDED_REASON = 'The session is suspended';
+
+export function isSuspendedReason(reason: string): boolean {
+  return reason.toLowerCase().startsWith(SUSPENDED_REASON.toLowerCase());
+}
 
 export class SessionConnection {
   private _view: SessionView = emptyView();
@@ -34,6 +46,14 @@ export class SessionConnection {
   private _ended = new Signal<this, string>(this);
   private _connected = false;
   private _endedWith: string | null = null;
+  private _suspended = false;
+  private _resumed = false;
+  /** This socket's hello said `suspended` (it only replays, then closes with 4404). */
+  private _helloSuspended = false;
+  /** This socket's hello has come. */
+  private _helloSeen = false;
+  /** The panel is closing (suspending) this session: its 4404 means suspended, not gone. */
+  private _closing = false;
 
   constructor(
     readonly api: AcpApi,
@@ -66,6 +86,49 @@ export class SessionConnection {
     return this._endedWith;
   }
 
+  /** True while the session is suspended (no agent): `resumed()` brings the socket back. */
+  get suspended(): boolean {
+    return this._suspended;
+  }
+
+  /**
+   * The session was resumed (POST resume answered): reconnect now if the server had closed the
+   * socket as suspended, or as soon as it does (the close may still be on its way).
+   */
+  resumed(session?: unknown): void {
+    if (this._disposed || this._endedWith !== null) {
+      return;
+    }
+    if (session) {
+      this._view = withSession(this._view, session);
+      this._changed.emit(this._view);
+    }
+    if (this._suspended) {
+      this._suspended = false;
+      if (!this._socket) {
+        this.connect();
+      }
+    } else if (this._socket && (!this._helloSeen || this._helloSuspended)) {
+      // this socket may still be the suspended one: wait for its close, or a live hello
+      this._resumed = true;
+    }
+    // (else: this socket's hello was already live, it is the resumed session's)
+  }
+
+  /**
+   * This client is suspending the session (POST close): the server's 4404 that follows, with
+   * whatever reason, leaves it suspended (resumable), not ended. `false` when the POST is done.
+   */
+  closing(on: boolean): void {
+    this._closing = on;
+  }
+
+  /** Show the model choice the server answered with (POST model). */
+  setModels(models: SessionView['models']): void {
+    this._view = { ...this._view, models };
+    this._changed.emit(this._view);
+  }
+
   /** Emitted once when the server says the session is gone (4404), with its reason. */
   get sessionEnded(): ISignal<this, string> {
     return this._ended;
@@ -76,15 +139,17 @@ export class SessionConnection {
       return; // nobody will ever read it (the panel starts a new session for a prompt)
     }
     const text = JSON.stringify(frame);
-    if (this._socket && this._socket.readyState === WebSocket.OPEN) {
+    // a suspended session's socket only replays: hold frames for the socket after `resume`
+    const waiting = this._suspended || this._resumed || this._helloSuspended;
+    if (!waiting && this._socket && this._socket.readyState === WebSocket.OPEN) {
       this._socket.send(text);
     } else {
       this._queue.push(text);
     }
   }
 
-  prompt(message: string): void {
-    this.send({ type: 'chat:message', message });
+  prompt(message: string, images: ImageBlock[] = []): void {
+    this.send(images.length ? { type: 'chat:message', message, images } : { type: 'chat:message', message });
   }
 
   cancel(): void {
@@ -111,6 +176,14 @@ export class SessionConnection {
   }
 
   private apply(frame: Frame): void {
+    if (frame.type === 'hello') {
+      this._helloSeen = true;
+      this._helloSuspended = frame.data?.state === 'suspended';
+      if (!this._helloSuspended) {
+        this._resumed = false; // live again: a later suspension is a new one
+        this.flush();
+      }
+    }
     const before = this._view;
     this._view = reduce(before, frame);
     if (frame.type === 'chat:response' && !this._view.replaying && this._view !== before) {
@@ -131,18 +204,27 @@ export class SessionConnection {
     this._ended.emit(reason);
   }
 
+  private flush(): void {
+    const socket = this._socket;
+    if (socket && socket.readyState === WebSocket.OPEN && !this._suspended && !this._resumed) {
+      for (const text of this._queue.splice(0)) {
+        socket.send(text);
+      }
+    }
+  }
+
   private connect(): void {
     if (this._disposed) {
       return;
     }
+    this._helloSuspended = false;
+    this._helloSeen = false;
     const socket = new WebSocket(this.api.socketUrl(this.id, this._view.lastSeq));
     this._socket = socket;
     socket.onopen = () => {
       this._connected = true;
       this._retry = 0;
-      for (const text of this._queue.splice(0)) {
-        socket.send(text);
-      }
+      this.flush();
       this._changed.emit(this._view);
     };
     socket.onmessage = msg => {
@@ -162,6 +244,17 @@ export class SessionConnection {
       }
       this._connected = false;
       this._socket = null;
+      if (event.code === GONE && (this._closing || isSuspendedReason(event.reason || ''))) {
+        if (this._resumed) {
+          this._resumed = false; // resumed meanwhile: come back at once for the rest
+          this.connect();
+          return;
+        }
+        this._suspended = true; // (frames sent meanwhile wait for the socket after `resume`)
+        this._view = { ...this._view, state: 'suspended', busy: false, pendingPermissions: [], replaying: false };
+        this._changed.emit(this._view);
+        return;
+      }
       if (event.code === GONE) {
         this.end(event.reason || GONE_MESSAGE);
         return;

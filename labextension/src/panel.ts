@@ -1,56 +1,28 @@
 /**
- * The left-sidebar panel: pick an agent, see my sessions and today's tokens, and chat.
+ * The left-sidebar panel: pick an agent, see my sessions (live and suspended) and today's tokens,
+ * and chat.
  *
  * Everything the chat shows comes from the session's reduced view (reducer.ts); this module
  * only draws it and turns clicks into API calls or socket frames. Drawing is batched to one
- * repaint per animation frame, so a fast stream of chunks costs one render per frame.
+ * repaint per animation frame, so a fast stream of chunks costs one render per frame. The input
+ * (completion, images) is composer.ts, the session list sessions.ts, the chat items items.ts.
  */
 
+import { Dialog, showDialog } from '@jupyterlab/apputils';
 import { Widget } from '@lumino/widgets';
 
-import { AcpApi, AcpApiError, AgentInfo, SessionInfo, UsageInfo } from './api';
+import { AcpApi, AcpApiError, AgentInfo, ImageBlock, SessionInfo, UsageInfo } from './api';
+import { Composer } from './composer';
 import { SessionConnection } from './connection';
-import { diffLines } from './diff';
-import { renderMarkdown } from './markdown';
-import { ChatItem, formatTokens, SessionView } from './reducer';
+import { h } from './dom';
+import { drawItem } from './items';
+import { Command, formatTokens, modelState, SessionView } from './reducer';
+import { drawSessionList } from './sessions';
 
-type Attrs = Record<string, string | boolean | ((ev: Event) => void) | undefined>;
+export { displayPath } from './dom';
 
-/** A tiny DOM builder: text children are always text nodes, never HTML. */
-function h(tag: string, attrs: Attrs = {}, ...children: (Node | string | null | undefined)[]): HTMLElement {
-  const el = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === undefined || value === false) {
-      continue;
-    }
-    if (typeof value === 'function') {
-      el.addEventListener(key.replace(/^on/, ''), value);
-    } else if (key === 'className') {
-      el.className = String(value);
-    } else {
-      el.setAttribute(key, value === true ? '' : value);
-    }
-  }
-  for (const child of children) {
-    if (child !== null && child !== undefined) {
-      el.append(child);
-    }
-  }
-  return el;
-}
-
-/** `path` relative to the session's workspace when inside it (shorter, and what the file browser shows). */
-export function displayPath(path: string, workspace: string): string {
-  const root = workspace.replace(/\/+$/, '');
-  return root && path.startsWith(root + '/') ? path.slice(root.length + 1) : path;
-}
-
-const STATUS_LABEL: Record<string, string> = {
-  pending: 'pending',
-  in_progress: 'running',
-  completed: 'done',
-  failed: 'failed'
-};
+/** States in which the session's socket and agent are gone for good or for now. */
+const NOT_RUNNING = new Set(['stopped', 'error', 'suspended']);
 
 export class AcpPanel extends Widget {
   readonly api: AcpApi;
@@ -60,6 +32,11 @@ export class AcpPanel extends Widget {
   private _usage: UsageInfo | null = null;
   private _conn: SessionConnection | null = null;
   private _frame = 0;
+  /** What the panel is doing to the session (creating, resuming), shown instead of its state. */
+  private _pending: string | null = null;
+  /** The session being resumed (shown as the current one in the list meanwhile). */
+  private _pendingId: string | null = null;
+  private _commandsSeen: Command[] = [];
 
   private _agentSelect: HTMLSelectElement;
   private _sessionList: HTMLElement;
@@ -67,10 +44,9 @@ export class AcpPanel extends Widget {
   private _banner: HTMLElement;
   private _status: HTMLElement;
   private _modeSelect: HTMLSelectElement;
+  private _modelSelect: HTMLSelectElement;
   private _log: HTMLElement;
-  private _input: HTMLTextAreaElement;
-  private _sendButton: HTMLButtonElement;
-  private _cancelButton: HTMLButtonElement;
+  private _composer: Composer;
 
   /**
    * @param onTurnEnd called after each turn (e.g. to refresh the file browser, since the agent
@@ -99,29 +75,21 @@ export class AcpPanel extends Widget {
       'aria-label': 'Mode',
       onchange: () => this._conn?.setMode(this._modeSelect.value)
     }) as HTMLSelectElement;
+    this._modelSelect = h('select', {
+      className: 'jp-mod-styled jp-AcpPanel-model',
+      'aria-label': 'Model',
+      onchange: () => void this.setModel(this._modelSelect.value)
+    }) as HTMLSelectElement;
     this._log = h('div', { className: 'jp-AcpPanel-log', 'aria-live': 'polite' });
-    this._input = h('textarea', {
-      className: 'jp-mod-styled jp-AcpPanel-input',
-      placeholder: 'Ask the agent… (Enter sends, Shift+Enter for a new line)',
-      rows: '3',
-      onkeydown: (ev: Event) => {
-        const key = ev as KeyboardEvent;
-        if (key.key === 'Enter' && !key.shiftKey && !key.isComposing) {
-          key.preventDefault();
-          void this.submit();
-        }
-      }
-    }) as HTMLTextAreaElement;
-    this._sendButton = h(
-      'button',
-      { className: 'jp-Button jp-mod-styled jp-mod-accept', onclick: () => void this.submit() },
-      'Send'
-    ) as HTMLButtonElement;
-    this._cancelButton = h(
-      'button',
-      { className: 'jp-Button jp-mod-styled jp-mod-warn', onclick: () => this._conn?.cancel() },
-      'Cancel'
-    ) as HTMLButtonElement;
+    this._composer = new Composer({
+      commands: () => this._conn?.view.commands ?? [],
+      files: prefix => (this._conn ? this.api.files(this._conn.id, prefix) : Promise.resolve([])),
+      acceptsImages: () => (this._conn ? this._conn.view.promptCapabilities.image : null),
+      agentName: () => this._conn?.view.agentDisplayName || this._conn?.view.agent || '',
+      submit: (text, images) => this.sendText(text, images),
+      cancel: () => this._conn?.cancel(),
+      error: message => this.showError(message)
+    });
 
     this.node.append(
       h(
@@ -150,15 +118,11 @@ export class AcpPanel extends Widget {
         'div',
         { className: 'jp-AcpPanel-chatbar' },
         this._status,
-        h('label', { className: 'jp-AcpPanel-modeLabel' }, 'Mode ', this._modeSelect)
+        h('label', { className: 'jp-AcpPanel-modeLabel' }, 'Mode ', this._modeSelect),
+        h('label', { className: 'jp-AcpPanel-modeLabel jp-AcpPanel-modelLabel' }, 'Model ', this._modelSelect)
       ),
       this._log,
-      h(
-        'div',
-        { className: 'jp-AcpPanel-composer' },
-        this._input,
-        h('div', { className: 'jp-AcpPanel-row' }, this._cancelButton, this._sendButton)
-      )
+      this._composer.node
     );
     this.draw();
   }
@@ -198,9 +162,10 @@ export class AcpPanel extends Widget {
       this._agents = agents.agents;
       this._defaultAgent = agents.default;
       this._sessions = sessions;
-      // after a reload, come back to the conversation I was in (its history is replayed)
-      const live = sessions.filter(s => s.state !== 'stopped' && s.state !== 'error');
-      if (!this._conn && live.length) {
+      // after a reload, come back to the conversation I was in (its history is replayed);
+      // a suspended one waits to be reopened from the list (that starts its agent again)
+      const live = sessions.filter(s => !NOT_RUNNING.has(s.state));
+      if (!this._conn && !this._pending && live.length) {
         this.open(live.reduce((a, b) => (b.last_activity > a.last_activity ? b : a)).id);
       }
       this._usage = usage;
@@ -229,69 +194,225 @@ export class AcpPanel extends Widget {
   async newSession(agent?: string): Promise<SessionInfo | null> {
     this.showError(null);
     const name = agent ?? (this._agentSelect.value || this._defaultAgent);
+    return this.creating(() => this.api.createSession(name, true));
+  }
+
+  /**
+   * Create a session (the input is off meanwhile: what one types then must not go to the
+   * session shown before, nor to the new one behind one's back), then open it.
+   */
+  private async creating(create: () => Promise<SessionInfo>): Promise<SessionInfo | null> {
+    if (this._pending) {
+      return null;
+    }
+    this.setPending('starting…');
     try {
-      const session = await this.api.createSession(name, true);
-      this.open(session.id);
-      await this.refreshUsage();
+      const session = await create();
+      this._sessions = [session, ...this._sessions.filter(s => s.id !== session.id)];
+      this.setPending(null);
+      this.connectTo(session.id);
+      void this.refreshUsage();
       return session;
     } catch (e) {
+      this.setPending(null);
       this.showError(e);
       return null;
     }
   }
 
-  /** Show the session `id` in the chat (connecting its socket). */
+  /**
+   * Show the session `id` in the chat (its socket replays the transcript). A suspended one is
+   * resumed first: its agent starts again and the chat goes on where it was.
+   */
   open(id: string): void {
-    if (this._conn?.id === id) {
+    if (this._pending) {
+      return; // (one session at a time is being created or resumed)
+    }
+    const info = this._sessions.find(s => s.id === id);
+    const same = this._conn?.id === id;
+    if ((!same && info?.state === 'suspended') || (same && this._conn!.ended !== null)) {
+      void this.resumeAndOpen(id); // (a 404 says it if it was deleted meanwhile)
       return;
     }
+    this.connectTo(id);
+    if (this._conn?.suspended) {
+      void this.resume();
+    }
+  }
+
+  /**
+   * Reopen a suspended session: POST resume first, then connect (the socket replays the whole
+   * transcript from the live session). Should the resume fail, the socket still shows the
+   * stored transcript, and the error says why.
+   */
+  private async resumeAndOpen(id: string): Promise<boolean> {
     this._conn?.dispose();
-    const conn = new SessionConnection(this.api, id);
-    this._conn = conn;
-    conn.changed.connect(() => this.schedule());
-    conn.turnEnded.connect(() => {
-      void this.refreshUsage();
-      this.onTurnEnd?.();
-    });
-    conn.sessionEnded.connect(() => void this.refreshUsage()); // (its list entry goes)
+    this._conn = null;
     this._log.replaceChildren();
+    this.showError(null);
+    this.setPending('resuming…', id);
+    let ok = false;
+    try {
+      const session = await this.api.resumeSession(id);
+      this._sessions = this._sessions.map(s => (s.id === session.id ? session : s));
+      ok = true;
+    } catch (e) {
+      this.showError(e);
+    } finally {
+      this.setPending(null);
+    }
+    this.connectTo(id);
+    void this.refreshUsage();
+    return ok;
+  }
+
+  /** Show the session `id` in the chat, connecting its socket (the history is replayed). */
+  private connectTo(id: string): void {
+    if (this._conn?.id !== id) {
+      this._conn?.dispose();
+      const conn = new SessionConnection(this.api, id);
+      this._conn = conn;
+      this._commandsSeen = [];
+      this._composer.clearImages();
+      conn.changed.connect(() => this.schedule());
+      conn.turnEnded.connect(() => {
+        void this.refreshUsage();
+        this.onTurnEnd?.();
+      });
+      conn.sessionEnded.connect(() => void this.refreshUsage()); // (its list entry goes)
+      this._log.replaceChildren();
+    }
     this.drawSessions();
     this.schedule();
   }
 
-  /**
-   * Send `text` as a prompt to the current session, opening one with the default agent (or
-   * reusing my live one) when the chat shows none.
-   */
-  async sendText(text: string): Promise<void> {
-    if (!text.trim()) {
-      return;
+  /** Resume the current session (POST resume), then reconnect its socket. */
+  async resume(): Promise<boolean> {
+    const conn = this._conn;
+    if (!conn || this._pending) {
+      return false;
     }
-    if (!this._conn || this._conn.view.state === 'stopped') {
-      this.showError(null);
-      try {
-        const session = await this.api.createSession(this._agentSelect.value || this._defaultAgent, false);
-        this.open(session.id);
-        void this.refreshUsage();
-      } catch (e) {
-        this.showError(e);
-        return;
-      }
+    this.showError(null);
+    this.setPending('resuming…');
+    try {
+      const session = await this.api.resumeSession(conn.id);
+      this._sessions = this._sessions.map(s => (s.id === session.id ? session : s));
+      conn.resumed(session);
+      void this.refreshUsage();
+      return true;
+    } catch (e) {
+      this.showError(e);
+      return false;
+    } finally {
+      this.setPending(null);
     }
-    this._conn!.prompt(text);
   }
 
-  private async submit(): Promise<void> {
-    const text = this._input.value;
+  /**
+   * Send `text` as a prompt to the current session, opening one with the default agent (or
+   * reusing my live one) when the chat shows none, and resuming a suspended one first.
+   */
+  async sendText(text: string, images: ImageBlock[] = []): Promise<boolean> {
     if (!text.trim()) {
+      return false;
+    }
+    if (this._pending) {
+      // a session is being created or resumed: this text is for neither the one shown before
+      // nor, behind one's back, the new one
+      this.showError(`A session is ${this._pending.replace('…', '')}; send this again when it is ready.`);
+      return false;
+    }
+    const conn = this._conn;
+    if (conn && (conn.ended !== null || conn.view.state === 'stopped')) {
+      // ended: closed (suspended, then it goes on where it was) or deleted (a new one then)
+      const info = await this.api.session(conn.id).catch(() => null);
+      if (info?.state === 'suspended' && !(await this.resumeAndOpen(conn.id))) {
+        return false;
+      }
+    }
+    if (!this._conn || this._conn.ended !== null || this._conn.view.state === 'stopped') {
+      this.showError(null);
+      const agent = this._agentSelect.value || this._defaultAgent;
+      if (!(await this.creating(() => this.api.createSession(agent, false)))) {
+        return false;
+      }
+    } else if (this._conn.suspended || this._conn.view.state === 'suspended') {
+      if (!(await this.resume())) {
+        return false;
+      }
+    }
+    this._conn!.prompt(text, images);
+    return true;
+  }
+
+  private async setModel(value: string): Promise<void> {
+    const conn = this._conn;
+    if (!conn) {
       return;
     }
-    this._input.value = '';
-    await this.sendText(text);
+    try {
+      conn.setModels(modelState(await this.api.setModel(conn.id, value)));
+      this.showError(null);
+    } catch (e) {
+      this.showError(e);
+      this.schedule(); // back to the current one
+    }
+  }
+
+  /** Close (suspend) a session: its agent stops, it stays in the list to reopen. */
+  private async closeSession(id: string): Promise<void> {
+    const conn = this._conn?.id === id ? this._conn : null;
+    conn?.closing(true); // (its socket's close then means suspended: typing resumes it)
+    try {
+      const session = await this.api.closeSession(id);
+      this._sessions = this._sessions.map(s => (s.id === session.id ? session : s));
+      this.drawSessions();
+      await this.refreshUsage();
+    } catch (e) {
+      this.showError(e);
+    } finally {
+      // (the server ends the socket before it answers; a close still on its way is rare)
+      window.setTimeout(() => conn?.closing(false), 2000);
+    }
+  }
+
+  /** Delete a session, after asking: its agent stops and its history is forgotten. */
+  private async deleteSession(id: string): Promise<void> {
+    const info = this._sessions.find(s => s.id === id);
+    const answer = await showDialog({
+      title: 'Delete this session?',
+      body: `“${info?.title || 'New session'}” and its history will be gone for good.`,
+      buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Delete' })]
+    });
+    if (!answer.button.accept) {
+      return;
+    }
+    try {
+      await this.api.deleteSession(id);
+      if (this._conn?.id === id) {
+        this._conn.dispose();
+        this._conn = null;
+        this._log.replaceChildren();
+      }
+      this._sessions = this._sessions.filter(s => s.id !== id);
+      this.drawSessions();
+      await this.refreshUsage();
+      this.draw();
+    } catch (e) {
+      this.showError(e);
+    }
   }
 
   protected onAfterShow(): void {
     void this.refresh();
+  }
+
+  private setPending(what: string | null, sessionId: string | null = null): void {
+    this._pending = what;
+    this._pendingId = what ? sessionId : null;
+    this.drawSessions();
+    this._composer.setStarting(what !== null, what ?? undefined);
+    this.draw();
   }
 
   private schedule(): void {
@@ -335,48 +456,11 @@ export class AcpPanel extends Widget {
   }
 
   private drawSessions(): void {
-    const current = this._conn?.id;
-    this._sessionList.replaceChildren(
-      ...this._sessions.map(s =>
-        h(
-          'li',
-          {
-            className: 'jp-AcpPanel-session' + (s.id === current ? ' jp-mod-current' : ''),
-            title: `Started ${new Date(s.created * 1000).toLocaleString()} in /${s.cwd}`
-          },
-          h(
-            'button',
-            { className: 'jp-AcpPanel-sessionOpen', onclick: () => this.open(s.id) },
-            `${s.agent_display_name} · ${s.state} · ${formatTokens(s.tokens?.total_tokens ?? 0)}`
-          ),
-          h(
-            'button',
-            {
-              className: 'jp-AcpPanel-sessionEnd',
-              title: 'End this session',
-              'aria-label': 'End session',
-              onclick: () => void this.endSession(s.id)
-            },
-            '×'
-          )
-        )
-      )
-    );
-  }
-
-  private async endSession(id: string): Promise<void> {
-    try {
-      await this.api.deleteSession(id);
-      if (this._conn?.id === id) {
-        this._conn.dispose();
-        this._conn = null;
-        this._log.replaceChildren();
-      }
-      await this.refreshUsage();
-      this.draw();
-    } catch (e) {
-      this.showError(e);
-    }
+    drawSessionList(this._sessionList, this._sessions, this._pendingId ?? this._conn?.id ?? null, {
+      open: id => this.open(id),
+      close: id => void this.closeSession(id),
+      remove: id => void this.deleteSession(id)
+    });
   }
 
   /** Redraw the chat from the current view. */
@@ -384,14 +468,26 @@ export class AcpPanel extends Widget {
     const conn = this._conn;
     const view = conn?.view;
     this.node.classList.toggle('jp-mod-noSession', !view);
-    this._sendButton.disabled = !!view && view.busy;
-    this._cancelButton.disabled = !view || !view.busy;
+    this._composer.setBusy(!!view && view.busy, !!view && view.busy);
+    const modeLabel = this._modeSelect.parentElement as HTMLElement;
+    const modelLabel = this._modelSelect.parentElement as HTMLElement;
     if (!conn || !view) {
-      this._status.textContent = 'No session open: pick an agent and start one, or just type.';
-      (this._modeSelect.parentElement as HTMLElement).hidden = true;
+      this._status.textContent = this._pending ?? 'No session open: pick an agent and start one, or just type.';
+      modeLabel.hidden = true;
+      modelLabel.hidden = true;
       return;
     }
-    const where = conn.ended !== null ? 'ended' : conn.connected ? view.state : 'reconnecting…';
+    const where =
+      this._pending ??
+      (conn.ended !== null
+        ? 'ended'
+        : conn.suspended
+          ? 'suspended'
+          : conn.connected
+            ? view.state === 'starting'
+              ? 'starting…'
+              : view.state
+            : 'reconnecting…');
     const context = view.context?.size ? ` · context ${view.context.used ?? 0}/${view.context.size}` : '';
     this._status.replaceChildren(
       h('span', { className: 'jp-AcpPanel-agentName' }, view.agentDisplayName || view.agent || '…'),
@@ -400,144 +496,47 @@ export class AcpPanel extends Widget {
         formatTokens(view.tokens.total_tokens)),
       context
     );
-    (this._modeSelect.parentElement as HTMLElement).hidden = view.modes.length === 0;
+    // (a suspended or ended session has no agent to switch: reopening it comes first)
+    const running = conn.ended === null && !conn.suspended && !NOT_RUNNING.has(view.state);
+    this._modeSelect.disabled = !running;
+    modeLabel.hidden = view.modes.length === 0;
     if (view.modes.length) {
       this._modeSelect.replaceChildren(
         ...view.modes.map(m => h('option', { value: m.id, selected: m.id === view.currentMode }, m.name))
       );
     }
+    this.drawModels(view, modelLabel, running);
+    if (view.commands !== this._commandsSeen) {
+      this._commandsSeen = view.commands;
+      this._composer.commandsChanged();
+    }
     this.drawLog(view);
+  }
+
+  private drawModels(view: SessionView, label: HTMLElement, running: boolean): void {
+    const models = view.models;
+    label.hidden = !models || models.available.length === 0;
+    if (!models) {
+      return;
+    }
+    this._modelSelect.replaceChildren(
+      ...models.available.map(m =>
+        h('option', { value: m.value, title: m.description || undefined, selected: m.value === models.current }, m.name)
+      )
+    );
+    this._modelSelect.value = models.current;
+    this._modelSelect.disabled = !running || view.busy || !!this._pending;
   }
 
   private drawLog(view: SessionView): void {
     const log = this._log;
     const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
-    log.replaceChildren(...view.items.map(item => this.drawItem(item, view.workspace)));
+    log.replaceChildren(...view.items.map(item => drawItem(item, view.workspace, this._conn)));
     if (view.busy) {
       log.append(h('div', { className: 'jp-AcpPanel-working' }, 'The agent is working…'));
     }
     if (atBottom) {
       log.scrollTop = log.scrollHeight;
-    }
-  }
-
-  private drawItem(item: ChatItem, workspace: string): HTMLElement {
-    switch (item.kind) {
-      case 'user':
-        return h('div', { className: 'jp-AcpMsg jp-AcpMsg-user' }, item.text);
-      case 'agent': {
-        const el = h('div', { className: 'jp-AcpMsg jp-AcpMsg-agent jp-RenderedHTMLCommon' });
-        el.innerHTML = renderMarkdown(item.text); // escaped by construction (markdown.ts)
-        return el;
-      }
-      case 'thought':
-        return h(
-          'details',
-          { className: 'jp-AcpMsg jp-AcpMsg-thought' },
-          h('summary', {}, 'Thinking'),
-          item.text
-        );
-      case 'tool':
-        return h(
-          'div',
-          { className: `jp-AcpTool jp-AcpTool-${item.status}` },
-          h(
-            'div',
-            { className: 'jp-AcpTool-head' },
-            h('span', { className: 'jp-AcpTool-kind' }, item.toolKind),
-            h('span', { className: 'jp-AcpTool-title' }, item.title),
-            h('span', { className: 'jp-AcpTool-status' }, STATUS_LABEL[item.status] ?? item.status)
-          ),
-          ...(() => {
-            // a location that is also a diff's path is shown once, above its diff
-            const shown = new Set(item.content.map(c => (c.type === 'diff' ? c.path : '')));
-            const where = item.locations.filter(l => !shown.has(l)).map(l => displayPath(l, workspace));
-            return where.length ? [h('div', { className: 'jp-AcpTool-where' }, where.join(', '))] : [];
-          })(),
-          ...item.content.map(c => {
-            if (c.type === 'diff') {
-              return h(
-                'div',
-                { className: 'jp-AcpDiff' },
-                h('div', { className: 'jp-AcpDiff-path' }, displayPath(c.path, workspace)),
-                h(
-                  'pre',
-                  {},
-                  ...diffLines(c.oldText, c.newText).map(l =>
-                    h('div', { className: `jp-AcpDiff-line jp-AcpDiff-${l.op === '…' ? 'skip' : l.op === '+' ? 'add' : l.op === '-' ? 'del' : 'ctx'}` },
-                      `${l.op} ${l.text}`)
-                  )
-                )
-              );
-            }
-            if (c.type === 'text') {
-              return h('pre', { className: 'jp-AcpTool-output' }, c.text);
-            }
-            return h('div', { className: 'jp-AcpTool-output' }, `terminal ${c.terminalId}`);
-          })
-        );
-      case 'plan':
-        return h(
-          'div',
-          { className: 'jp-AcpPlan' },
-          h('div', { className: 'jp-AcpPlan-head' }, 'Plan'),
-          h(
-            'ol',
-            {},
-            ...item.entries.map(e =>
-              h('li', { className: `jp-AcpPlan-${e.status}`, title: `${e.priority} priority` }, e.content)
-            )
-          )
-        );
-      case 'permission': {
-        const resolved = item.resolved;
-        const conn = this._conn;
-        let footer: HTMLElement;
-        if (resolved) {
-          const chosen = item.options.find(o => o.optionId === resolved.optionId);
-          const what =
-            resolved.outcome === 'selected' && chosen ? `Answered: ${chosen.name}` : 'No answer (cancelled)';
-          footer = h('div', { className: 'jp-AcpPermission-done' }, resolved.by === 'user' ? what : `${what} by ${resolved.by}`);
-        } else {
-          footer = h(
-            'div',
-            { className: 'jp-AcpPanel-row' },
-            ...item.options.map(o =>
-              h(
-                'button',
-                {
-                  className: `jp-Button jp-mod-styled ${o.kind.startsWith('allow') ? 'jp-mod-accept' : 'jp-mod-warn'}`,
-                  'data-option-id': o.optionId,
-                  onclick: () => conn?.answer(item.requestId, o.optionId)
-                },
-                o.name
-              )
-            )
-          );
-        }
-        return h(
-          'div',
-          { className: 'jp-AcpPermission' + (resolved ? '' : ' jp-mod-pending') },
-          h('div', { className: 'jp-AcpPermission-head' }, `The agent asks permission: ${item.title}`),
-          footer
-        );
-      }
-      case 'turn':
-        return h(
-          'div',
-          { className: 'jp-AcpTurn' },
-          [
-            item.stopReason === 'end_turn' ? 'Turn done' : `Turn ended: ${item.stopReason.replace(/_/g, ' ')}`,
-            item.totalTokens ? formatTokens(item.totalTokens) : '',
-            item.duration !== null ? `${item.duration.toFixed(1)} s` : ''
-          ]
-            .filter(Boolean)
-            .join(' · ')
-        );
-      case 'error':
-        return h('div', { className: 'jp-AcpMsg jp-AcpMsg-error', role: 'alert' }, item.message);
-      case 'notice':
-        return h('div', { className: 'jp-AcpTurn' }, item.text);
     }
   }
 }

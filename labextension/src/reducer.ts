@@ -49,8 +49,30 @@ export interface Mode {
   description?: string | null;
 }
 
+/** What the server attached to a prompt (`@path` mentions it resolved, images). */
+export interface Attachment {
+  type: string; // resource | resource_link | image
+  name: string;
+  uri?: string;
+  mime_type?: string;
+  size: number;
+}
+
+/** A slash command of the agent (`name` has no slash; `hint` describes its input, if any). */
+export interface Command {
+  name: string;
+  description: string;
+  hint?: string;
+}
+
+export interface ModelState {
+  configId: string;
+  current: string;
+  available: { value: string; name: string; description: string }[];
+}
+
 export type ChatItem =
-  | { kind: 'user'; text: string; turn: number | null }
+  | { kind: 'user'; text: string; turn: number | null; attachments?: Attachment[] }
   | { kind: 'agent'; text: string }
   | { kind: 'thought'; text: string }
   | {
@@ -97,7 +119,15 @@ export interface SessionView {
   context: { used: number | null; size: number | null } | null;
   currentMode: string | null;
   modes: Mode[];
-  commands: { name: string; description: string }[];
+  commands: Command[];
+  /** The first line of the first prompt ("" before it). */
+  title: string;
+  /** What the agent accepts in a prompt besides text. */
+  promptCapabilities: { image: boolean; audio: boolean; embeddedContext: boolean };
+  /** The model choice (null when the agent offers none). */
+  models: ModelState | null;
+  /** How the last resume brought the agent back (null: never resumed). */
+  restore: string | null;
   /** Request ids of the permission prompts still waiting for an answer. */
   pendingPermissions: string[];
   /** True while a turn runs (state `busy`). */
@@ -122,6 +152,10 @@ export function emptyView(): SessionView {
     currentMode: null,
     modes: [],
     commands: [],
+    title: '',
+    promptCapabilities: { image: false, audio: false, embeddedContext: false },
+    models: null,
+    restore: null,
     pendingPermissions: [],
     busy: false
   };
@@ -269,16 +303,69 @@ function applyUpdate(view: SessionView, u: any): SessionView {
     case 'current_mode_update':
       return { ...view, currentMode: str(u.currentModeId, view.currentMode ?? '') || null };
     case 'available_commands_update':
-      return {
-        ...view,
-        commands: (Array.isArray(u.availableCommands) ? u.availableCommands : []).map((c: any) => ({
-          name: str(c?.name),
-          description: str(c?.description)
-        }))
-      };
+      return { ...view, commands: commandList(u.availableCommands) };
+    case 'config_option_update': {
+      // the model option changed (here or from another client): follow its current value
+      const models = view.models;
+      const options: any[] = Array.isArray(u.configOptions) ? u.configOptions : [];
+      const option = models ? options.find(o => o?.id === models.configId) : undefined;
+      const current = option?.currentValue ?? option?.current_value;
+      if (!models || typeof current !== 'string' || current === models.current) {
+        return view;
+      }
+      return { ...view, models: { ...models, current } };
+    }
     default:
-      return view; // config_option_update, session_info_update, future variants
+      return view; // session_info_update, future variants
   }
+}
+
+/** Commands from ACP (`availableCommands`, camelCase `input`) or our model (`input.hint`). */
+export function commandList(raw: unknown): Command[] {
+  const out: Command[] = [];
+  for (const c of Array.isArray(raw) ? raw : []) {
+    const name = str(c?.name).replace(/^\//, '');
+    if (!name) {
+      continue;
+    }
+    const hint = str(c?.input?.hint);
+    out.push(hint ? { name, description: str(c?.description), hint } : { name, description: str(c?.description) });
+  }
+  return out;
+}
+
+/** The session model's `models` (null when the agent offers no model choice). */
+export function modelState(raw: any): ModelState | null {
+  if (!raw || typeof raw !== 'object' || !Array.isArray(raw.available)) {
+    return null;
+  }
+  return {
+    configId: str(raw.config_id),
+    current: str(raw.current),
+    available: raw.available.map((m: any) => ({
+      value: str(m?.value),
+      name: str(m?.name, str(m?.value)),
+      description: str(m?.description)
+    }))
+  };
+}
+
+function attachments(raw: unknown): Attachment[] {
+  if (!Array.isArray(raw)) {
+    return [];
+  }
+  return raw
+    .filter(a => a && typeof a === 'object')
+    .map(a => {
+      const out: Attachment = { type: str(a.type, 'resource'), name: str(a.name, str(a.uri)), size: num(a.size) };
+      if (typeof a.uri === 'string') {
+        out.uri = a.uri;
+      }
+      if (typeof a.mime_type === 'string') {
+        out.mime_type = a.mime_type;
+      }
+      return out;
+    });
 }
 
 function permissionItem(data: any): Extract<ChatItem, { kind: 'permission' }> {
@@ -294,6 +381,39 @@ function permissionItem(data: any): Extract<ChatItem, { kind: 'permission' }> {
     })),
     resolved: null
   };
+}
+
+/** What the agent offers, from a session model (`hello`, or the answer to POST resume). */
+function agentFields(view: SessionView, s: any): Partial<SessionView> {
+  return {
+    commands: Array.isArray(s?.available_commands) ? commandList(s.available_commands) : view.commands,
+    title: str(s?.title, view.title),
+    promptCapabilities: {
+      image: s?.prompt_capabilities?.image === true,
+      audio: s?.prompt_capabilities?.audio === true,
+      embeddedContext: s?.prompt_capabilities?.embeddedContext === true
+    },
+    models: s && 'models' in s ? modelState(s.models) : view.models,
+    restore: typeof s?.restore === 'string' ? s.restore : null
+  };
+}
+
+/**
+ * Take what the agent offers (modes, commands, models, prompt capabilities) from a session
+ * model the REST API answered, e.g. POST resume's: a socket that connected while the agent was
+ * still starting had none of it in its `hello`. The chat, seqs and tokens are the socket's.
+ */
+export function withSession(view: SessionView, s: any): SessionView {
+  if (!s || typeof s !== 'object') {
+    return view;
+  }
+  const modes = s.modes ?? null;
+  const next: SessionView = { ...view, ...agentFields(view, s) };
+  if (Array.isArray(modes?.availableModes)) {
+    next.modes = modes.availableModes.map((m: any) => ({ id: str(m?.id), name: str(m?.name, str(m?.id)) }));
+    next.currentMode = modes.currentModeId ?? view.currentMode;
+  }
+  return next;
 }
 
 /** Apply the `hello` frame: the session as it is now (totals include every turn so far). */
@@ -328,6 +448,7 @@ function applyHello(view: SessionView, s: any): SessionView {
       ? modes.availableModes.map((m: any) => ({ id: str(m?.id), name: str(m?.name, str(m?.id)) }))
       : [],
     pendingPermissions: pending.map(p => str(p?.request_id)),
+    ...agentFields(view, s),
     items,
     replaying: true,
     // events up to the hello's last_seq are already in the totals above
@@ -370,11 +491,14 @@ export function reduce(view: SessionView, frame: Frame): SessionView {
         error: data.error ?? null,
         busy: data.state === 'busy'
       };
-    case 'chat:message':
-      return {
-        ...next,
-        items: [...next.items, { kind: 'user', text: str(data.text), turn: data.turn ?? null }]
-      };
+    case 'chat:message': {
+      const files = attachments(data.attachments);
+      const text = str(data.text, str(data.message));
+      const item: ChatItem = files.length
+        ? { kind: 'user', text, turn: data.turn ?? null, attachments: files }
+        : { kind: 'user', text, turn: data.turn ?? null };
+      return { ...next, title: next.title || text.split('\n')[0].slice(0, 100), items: [...next.items, item] };
+    }
     case 'session/update':
       return applyUpdate(next, data);
     case 'permission:request': {

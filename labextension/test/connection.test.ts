@@ -1,67 +1,17 @@
 /**
  * The session connection: reconnects after a drop, but never to a session that is gone (4404).
  */
-import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 
-import type { AcpApi } from '../src/api';
 import { GONE, GONE_MESSAGE, SessionConnection } from '../src/connection';
+import { FakeSocket, fakeApi, useFakeSockets } from './fakeSocket';
 
-/** A WebSocket that the test drives: open, deliver frames, close with a code. */
-class FakeSocket {
-  static readonly CONNECTING = 0;
-  static readonly OPEN = 1;
-  static readonly CLOSED = 3;
-  static made: FakeSocket[] = [];
-  readyState = FakeSocket.CONNECTING;
-  sent: string[] = [];
-  onopen: (() => void) | null = null;
-  onmessage: ((msg: { data: string }) => void) | null = null;
-  onclose: ((event: { code: number; reason: string }) => void) | null = null;
-
-  constructor(readonly url: string) {
-    FakeSocket.made.push(this);
-  }
-
-  send(text: string): void {
-    this.sent.push(text);
-  }
-
-  close(): void {
-    this.readyState = FakeSocket.CLOSED;
-  }
-
-  open(): void {
-    this.readyState = FakeSocket.OPEN;
-    this.onopen?.();
-  }
-
-  frames(...frames: unknown[]): void {
-    this.onmessage?.({ data: JSON.stringify(frames) });
-  }
-
-  /** What the server's close does (code and reason as the browser reports them). */
-  closed(code: number, reason = ''): void {
-    this.readyState = FakeSocket.CLOSED;
-    this.onclose?.({ code, reason });
-  }
-}
-
-const api = { socketUrl: (id: string, since: number) => `ws://x/${id}?since=${since}` } as unknown as AcpApi;
+const api = fakeApi;
 const hello = { type: 'hello', data: { id: 's1', agent: 'demo', state: 'ready', last_seq: 0 } };
 const REASON = 'The session has ended: it was stopped, cleaned up after being idle, or the server stopped';
 
 describe('SessionConnection', () => {
-  beforeEach(() => {
-    FakeSocket.made = [];
-    vi.useFakeTimers();
-    vi.stubGlobal('window', globalThis);
-    vi.stubGlobal('WebSocket', FakeSocket);
-  });
-
-  afterEach(() => {
-    vi.useRealTimers();
-    vi.unstubAllGlobals();
-  });
+  useFakeSockets();
 
   it('reconnects after a drop, with ?since= the last event seen', () => {
     const conn = new SessionConnection(api, 's1');
