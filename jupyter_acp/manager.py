@@ -380,12 +380,10 @@ class UserSessionManager(SessionLimits, StoredSessions):
         except BaseException:
             self._sessions.pop(session.id, None)
             if stored is None:  # a new session that never started: nothing to keep
-                await self.store.untrack(session, state=None)
-                with contextlib.suppress(Exception):
-                    await self.store.delete(session.id)
+                self.store.end(session, keep=False)
                 self._remove_home(session.id)
             elif not session.closed:  # a resume that failed: it stays suspended
-                await self.store.untrack(session)  # (its history says why)
+                self.store.end(session, keep=True)  # (its history says why)
             # (else whoever stopped it — a delete, a cull, the server stopping — settles its record)
             self._close_route(session.id)
             raise
@@ -538,18 +536,18 @@ class UserSessionManager(SessionLimits, StoredSessions):
         try:
             await session.stop(reason)
         finally:
-            try:
-                await self.store.untrack(session, state="suspended" if keep else None)
-                if not keep:
-                    await self.store.delete(session.id)
-            except Exception as e:
-                self.log.warning("Could not update the stored session %s: %s", session.id, e)
+            # (bounded: a slow or locked database must not hold up a delete; the store goes on)
+            await asyncio.wait({self.store.end(session, keep=keep)}, timeout=self.STORE_WAIT)
             if not keep:
                 self._remove_home(session.id)
             revoking = self._close_route(session.id)
             self._stopping.pop(session.id, None)
             if revoking is not None:  # (best effort, and a short wait: the token expires anyway)
                 await asyncio.wait({revoking}, timeout=self.HUB_REVOKE_WAIT)
+
+    #: Seconds a deletion, cull or close waits for the session store to settle the session's
+    #: record (it goes on in the background while the database cannot be written).
+    STORE_WAIT = 1.0
 
     #: Seconds a deletion waits for the hub service to confirm its gateway token's revocation
     #: (it goes on in the background for up to ``HubClient.revoke_timeout``).

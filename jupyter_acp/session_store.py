@@ -3,10 +3,11 @@ database (tables ``acp_sessions`` and ``acp_session_events``, made by the ledger
 
 A live session is *tracked*: every event it emits is queued and written in batches, at most
 ``flush_interval`` seconds later, in one transaction per batch from the store's own thread (a
-slow database delays the history's copy, never a session's stream). Its record (title, mode,
+slow database delays the history's copy, never a session's stream); a prompt, the end of a
+turn and a change of state are written at once (``DURABLE_NOW``). Its record (title, mode,
 config options, the agent's ACP session id, turns) is rewritten with each batch. A server
-killed with -9 loses at most the last ``flush_interval`` seconds of history; a clean stop
-writes everything first (``close``).
+killed with -9 loses at most the chunks streamed in the last ``flush_interval`` seconds of a
+turn that had not ended; a clean stop writes everything first (``close``).
 
 When the agent stops without the user deleting the session — the server stops, the monitor
 culls it, the user closes it — the record becomes ``suspended``: the user's list shows it and
@@ -48,6 +49,10 @@ log = logging.getLogger("jupyter_acp.store")
 T = TypeVar("T")
 
 LIVE, SUSPENDED = "live", "suspended"
+#: Events written at once rather than within ``flush_interval``: a prompt, the end of a turn, a
+#: change of state — the points a user would expect to find again after a crash. (Streamed
+#: chunks are batched: they are most events, and the end of their turn writes them.)
+DURABLE_NOW = frozenset({"user_message", "turn_end", "state"})
 
 
 @dataclass
@@ -141,10 +146,10 @@ class SessionStore(LoggingConfigurable):
 
     flush_interval = Float(
         0.5,
-        help="""Seconds between two writes of the events of live sessions (each write is one
-        transaction for every session). A server killed without a clean stop loses at most
-        this much of its sessions' histories (never their usage: the ledger writes that at
-        once).""",
+        help="""Seconds between two writes of the streamed events of live sessions (each
+        write is one transaction for every session; a prompt, the end of a turn and a change of
+        state are written at once). A server killed without a clean stop loses at most this
+        much of a running turn's stream (never usage: the ledger writes that at once).""",
     ).tag(config=True)
 
     def __init__(self, ledger: UsageLedger, **kwargs: Any) -> None:
@@ -154,8 +159,13 @@ class SessionStore(LoggingConfigurable):
         self._pool: ThreadPoolExecutor | None = None
         self._flush_lock = asyncio.Lock()
         self._scheduled: asyncio.TimerHandle | None = None
+        self._soon = False
         self._flushing: set[asyncio.Task[None]] = set()
         self._failing = False
+        #: sessions being forgotten (deleted): hidden from readers at once, deleted from the
+        #: database as soon as it can be written (``forget``)
+        self._forgotten: set[str] = set()
+        self._ending: set[asyncio.Task[None]] = set()
 
     # -- the store's thread --------------------------------------------------------------------
     async def _run(self, fn: Callable[..., T], /, *args: Any) -> T:
@@ -189,7 +199,7 @@ class SessionStore(LoggingConfigurable):
         def on_event(event: dict[str, Any]) -> None:
             tracked.pending.append((event["seq"], session.payload(event["seq"])))
             tracked.dirty = True
-            self._schedule()
+            self._schedule(soon=event["type"] in DURABLE_NOW)
 
         tracked.unsubscribe = session.subscribe(on_event)
         self._tracked[session.id] = tracked
@@ -197,13 +207,19 @@ class SessionStore(LoggingConfigurable):
         tracked.pending.extend((seq, p) for seq, p in _numbered(session, stored_sizes))
         self._schedule()
 
-    def _schedule(self) -> None:
-        if self._scheduled is None:
-            loop = asyncio.get_running_loop()
-            self._scheduled = loop.call_later(self.flush_interval, self._flush_soon)
+    def _schedule(self, soon: bool = False) -> None:
+        """A write of what is queued: within ``flush_interval``, or at once (``soon``)."""
+        if self._scheduled is not None:
+            if not soon or self._soon:
+                return
+            self._scheduled.cancel()
+        self._soon = soon
+        delay = 0.0 if soon else self.flush_interval
+        self._scheduled = asyncio.get_running_loop().call_later(delay, self._flush_soon)
 
     def _flush_soon(self) -> None:
         self._scheduled = None
+        self._soon = False
         task = asyncio.get_running_loop().create_task(self.flush(), name="acp-store-flush")
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
@@ -273,20 +289,66 @@ class SessionStore(LoggingConfigurable):
             with contextlib.suppress(SQLAlchemyError, OSError):
                 await self._run(self._write, lambda conn: _upsert(conn, row))
 
+    def end(self, session: AgentSession, *, keep: bool) -> asyncio.Task[None]:
+        """The session's agent has stopped: keep it, suspended (its last events and record
+        written), or forget it. In the background, retried while the database cannot be
+        written: a slow or locked database must not hold up a delete, a cull or a shutdown (the
+        caller waits a bounded time for the task, if at all)."""
+        if not keep and self.enabled:
+            self._forgotten.add(session.id)
+
+        async def ending() -> None:
+            await self.untrack(session, SUSPENDED if keep else None)
+            if not keep:
+                await self._forget(session.id)
+
+        return self._background(ending())
+
+    def forget(self, session_id: str) -> asyncio.Task[None]:
+        """Forget a stored session (see ``end``): gone for readers at once."""
+        if self.enabled:
+            self._forgotten.add(session_id)
+        return self._background(self._forget(session_id))
+
+    def _background(self, coro: Any) -> asyncio.Task[None]:
+        if not self.enabled:  # (nothing was stored)
+            coro.close()
+            coro = asyncio.sleep(0)
+        task = asyncio.get_running_loop().create_task(coro, name="acp-store-end")
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+        return task
+
+    async def _forget(self, session_id: str) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._run(self._write, lambda conn: _delete(conn, [session_id]))
+            except (SQLAlchemyError, OSError) as e:
+                log.warning("Session store: could not delete session %s yet (%s); retrying",
+                            session_id, type(e).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self._forgotten.discard(session_id)
+            return
+
     # -- stored sessions -----------------------------------------------------------------------
     async def of_user(self, user: str) -> list[StoredSession]:
         """The user's stored sessions, most recently used first."""
         query = (select(sessions_table).where(sessions_table.c.user == user)
                  .order_by(sessions_table.c.last_activity.desc()))
         rows = await self._run(self._read, lambda conn: list(conn.execute(query)))
-        return [StoredSession.from_row(r) for r in rows]
+        return [s for s in map(StoredSession.from_row, rows) if s.id not in self._forgotten]
 
     async def get(self, user: str, session_id: str) -> StoredSession | None:
         """The stored session ``session_id`` of ``user`` (None for another user's: not found)."""
         query = select(sessions_table).where(sessions_table.c.id == session_id,
                                              sessions_table.c.user == user)
         row = await self._run(self._read, lambda conn: conn.execute(query).first())
-        return StoredSession.from_row(row) if row is not None else None
+        if row is None or session_id in self._forgotten:
+            return None
+        return StoredSession.from_row(row)
 
     async def events(self, session_id: str, since: int = 0, last: int | None = None
                      ) -> list[tuple[int, str]]:
@@ -309,10 +371,6 @@ class SessionStore(LoggingConfigurable):
         query = (select(table.c.seq, func.length(table.c.payload)).where(table.c.session_id == session_id)
                  .order_by(table.c.seq))
         return await self._run(self._read, lambda conn: [(s, n) for s, n in conn.execute(query)])
-
-    async def delete(self, session_id: str) -> None:
-        """Forget a session: its record and its events."""
-        await self._run(self._write, lambda conn: _delete(conn, [session_id]))
 
     async def expired(self, now: float | None = None) -> list[StoredSession]:
         """The sessions past ``retention_days``, and each user's least recently used beyond
@@ -341,13 +399,18 @@ class SessionStore(LoggingConfigurable):
         return list(unique.values())
 
     async def close(self) -> None:
-        """Write what is queued (the server is stopping), then release the thread."""
+        """Write what is queued (the server is stopping), then release the thread. Deletions
+        and suspensions still retrying get ``ledger.write_timeout`` more, then are dropped."""
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
         for task in list(self._flushing):
             with contextlib.suppress(Exception):
                 await task
+        if self._ending:
+            _, late = await asyncio.wait(set(self._ending), timeout=max(self.ledger.write_timeout, 1.0))
+            for task in late:
+                task.cancel()
         with contextlib.suppress(Exception):
             await self.flush()
         pool, self._pool = self._pool, None

@@ -50,6 +50,7 @@ class StoredSessions(LoggingConfigurable):
         _stopping: dict[str, AgentSession]
         _resuming: dict[str, asyncio.Lock]
         _stored_sizes: dict[str, list[tuple[int, int]]]
+        STORE_WAIT: float
 
         def workspace_root(self, username: str) -> Path: ...
         def _credentials(self, spec: AgentSpec, credentials: dict[str, str] | None) -> dict[str, str]: ...
@@ -144,7 +145,7 @@ class StoredSessions(LoggingConfigurable):
                 session.earlier_usage = await self.ledger.asession_totals(stored.id)
 
     async def _forget(self, session_id: str) -> None:
-        await self.store.delete(session_id)
+        await asyncio.wait({self.store.forget(session_id)}, timeout=self.STORE_WAIT)
         await asyncio.to_thread(self._remove_home, session_id)
 
     async def purge_expired(self) -> list[str]:

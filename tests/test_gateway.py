@@ -66,6 +66,7 @@ async def http(socket_path: str, method: str, path: str, headers: dict[str, str]
     await writer.drain()
     data = await reader.read()
     writer.close()
+    await writer.wait_closed()  # (else the socket may outlive the test's loop: a ResourceWarning)
     header_blob, _, payload = data.partition(b"\r\n\r\n")
     lines = header_blob.decode().split("\r\n")
     status = int(lines[0].split()[1])

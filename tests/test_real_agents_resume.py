@@ -7,12 +7,13 @@ in a fresh sandbox, and the third turn's request to the LLM carries the first tw
 agent really has its context back (ACP ``session/resume`` or ``session/load``, whichever it
 advertises), not only our transcript on screen.
 
-Gemini CLI 0.61 advertises ``session/load`` but cannot restore a conversation in a new process:
-its load starts a new chat recording under the same session id, which replaces the earlier
-recording in ``~/.gemini/tmp/<project>/chats`` before it is read ("No previous sessions found
-for this project"; traced with a readdir hook). Its test holds us to the honest fallback: the
-session starts fresh, says so (``context_lost``), and keeps the transcript on screen. When a
-Gemini release restores for real, that test fails and says so.
+Gemini CLI 0.61 advertises ``session/load`` but often cannot restore a conversation in a new
+process: its load starts a new chat recording under the same session id, which may replace the
+earlier recording in ``~/.gemini/tmp/<project>/chats`` before it is read ("No previous sessions
+found for this project"; traced with a readdir hook; a race inside the agent: some runs load).
+Its test accepts either outcome, each told truthfully: loaded, and the LLM request carries the
+earlier turns; or fresh, said (``context_lost``), the transcript kept, and the request without
+them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from test_real_agents import REAL_KEY, require_agent
 
 from jupyter_acp.session import SessionState
 
-pytestmark = [pytest.mark.agent, pytest.mark.sandbox]
+pytestmark = [pytest.mark.agent, pytest.mark.sandbox, pytest.mark.timeout(300)]
 
 CREDS = {
     "qwen": lambda fake: {"api_key": REAL_KEY, "base_url": fake.url + "/v1", "model": "fake-model"},
@@ -69,12 +70,12 @@ async def test_the_agent_remembers_after_a_server_restart(acp_managers, fake, ag
     assert "Hello from the fake LLM" in result.text and result.turn == 3
     third = asked_with(fake, "chinchilla")
     assert third
-    if agent == "gemini":  # (see the module's docstring)
-        assert resumed.restore == "fresh"
-        lost = [e for e in resumed.events() if e["type"] == "error" and e["data"].get("context_lost")]
+    lost = [e for e in resumed.events() if e["type"] == "error" and e["data"].get("context_lost")]
+    if agent == "gemini" and resumed.restore == "fresh":  # (see the module's docstring)
         assert len(lost) == 1 and "does not remember the earlier messages" in lost[0]["data"]["message"]
-        assert not any("aardvark" in t for t in third)
+        assert not any("aardvark" in t for t in third)  # what we said is what happened
     else:
+        assert not lost
         assert resumed.restore in ("resume", "load"), resumed.restore
         # the LLM request of the third turn holds the two earlier prompts: the agent's context
         # (some requests of a turn are side calls, e.g. Claude's session title, not the conversation)

@@ -7,7 +7,8 @@ The server runs as a subprocess (``bench/harness.py``: ``jupyter server`` with j
   ``?since=<last seq seen>`` and gets exactly the events it missed (no gap, no duplicate; the
   chunks add up to the turn's reply);
 * the server killed with SIGKILL during turns: once restarted on the same usage database, every
-  usage record committed before the kill is there, and no agent process of the killed server is
+  usage record committed before the kill is there, every session is listed (suspended) and
+  resumes with its agent's context, and no agent process of the killed server is
   left running (local agents end on stdin EOF; bubblewrap sandboxes die with their parent).
 """
 
@@ -181,6 +182,17 @@ def test_kill_9_loses_no_committed_usage_and_leaves_no_agent(tmp_path: Path, san
 
     with harness.jupyter_server(sandbox, workdir=tmp_path) as server:
         after = {user: call(server, "GET", "usage", user)[1] for user in users}
+        # the sessions outlive the kill: listed, suspended, with their committed turns (the
+        # turn cut by the kill may be counted too), and resumed with the agent's context
+        for i, user in enumerate(users):
+            [listed] = call(server, "GET", "sessions", user)[1]["sessions"]
+            assert (listed["id"], listed["state"]) == (sids[user], "suspended")
+            assert listed["turns"] in (i + 1, i + 2) and listed["title"] == f"turn 0 of {user}"
+        status, resumed = call(server, "POST", f"sessions/{sids['ben']}/resume", "ben")
+        assert status == 200 and resumed["restore"] == "resume", resumed
+        status, result = call(server, "POST", f"sessions/{sids['ben']}/messages", "ben",
+                              {"message": "/recall"})
+        assert result["text"] == "Demo agent remembers: turn 0 of ben | turn 1 of ben"
     assert after == before
 
 
