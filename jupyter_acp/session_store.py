@@ -278,7 +278,7 @@ class SessionStore(LoggingConfigurable):
         """Stop writing ``session``: its last events are written and its record set to
         ``state`` (None: nothing written, e.g. the session is being deleted)."""
         tracked = self._tracked.get(session.id)
-        if tracked is None:
+        if tracked is None or tracked.session is not session:  # (not this object's any more)
             return
         if state is not None:
             await self.flush(only=session.id)

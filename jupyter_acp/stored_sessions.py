@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from traitlets import Dict, Instance, default
 from traitlets.config import LoggingConfigurable
 
-from .errors import AcpError, BadRequest, PathOutsideWorkspace, SessionNotFound
+from .errors import AcpError, BadRequest, PathOutsideWorkspace, SessionBusy, SessionNotFound
 from .session_model import stored_model
 from .session_store import SessionStore, StoredSession
 
@@ -73,6 +73,8 @@ class StoredSessions(LoggingConfigurable):
                   if self.store.enabled and isinstance(session_id, str) else None)
         if stored is None or session_id in self._sessions:
             raise SessionNotFound(str(session_id))
+        if session_id in self._stopping:  # (its agent is still stopping: one agent per session)
+            raise SessionBusy("The session is being stopped; resume it again in a moment")
         return stored
 
     async def stored_model(self, stored: StoredSession) -> dict[str, Any]:

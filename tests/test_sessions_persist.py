@@ -19,7 +19,14 @@ from sqlalchemy import create_engine, text
 
 from jupyter_acp.agents import AgentConfigManager
 from jupyter_acp.agents_builtin import demo_agent_spec
-from jupyter_acp.errors import AcpError, BadRequest, ModelNotAllowed, PathOutsideWorkspace, SessionNotFound
+from jupyter_acp.errors import (
+    AcpError,
+    BadRequest,
+    ModelNotAllowed,
+    PathOutsideWorkspace,
+    SessionBusy,
+    SessionNotFound,
+)
 from jupyter_acp.session import SessionState
 
 
@@ -240,3 +247,19 @@ async def test_a_resume_raced_by_another_resume_and_a_delete(acp_managers, tmp_p
     await manager.store.flush()
     assert await manager.suspended_sessions("alice") == [] and manager.get_user_sessions("alice") == []
     assert not (tmp_path / "homes" / session.id).exists()
+
+
+async def test_a_session_being_stopped_is_not_resumed_twice(acp_managers):
+    """A resume while the session's agent is still stopping (a close, a cull) is refused: two
+    agents never share a session's home, and the store keeps tracking the right one."""
+    manager = acp_managers()
+    session = await manager.create_user_session("alice", "demo")
+    await manager.send_message("alice", session.id, "hello")
+    closing = asyncio.ensure_future(manager.close_user_session("alice", session.id))
+    await wait_for(lambda: session.id in manager._stopping)
+    with pytest.raises(SessionBusy, match="being stopped"):
+        await manager.resume_user_session("alice", session.id)
+    await closing
+    resumed = await manager.resume_user_session("alice", session.id)
+    assert resumed is not session and manager.store._tracked[session.id].session is resumed
+    assert (await resumed.prompt("/recall")).text == "Demo agent remembers: hello"
