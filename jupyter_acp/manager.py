@@ -354,21 +354,25 @@ class UserSessionManager(SessionLimits, StoredSessions):
         # route whose callbacks reach the session once it exists), then the session itself
         session_id = stored.id if stored is not None else uuid.uuid4().hex
         home = self._make_home(session_id, reuse=stored is not None)
+
+        def undo() -> None:
+            """What this start made goes; a resumed session's home stays (the agent's record)."""
+            if stored is None:
+                self._remove_home(session_id)
+            self._close_route(session_id)
+
         try:
             if hub is not None:  # a gateway token of the service's, its "real key" (hubclient)
                 grant = self._hub_grants[session_id] = await hub.grant(session_id, spec)
                 creds = hub.launch_credentials(grant, creds)
             session = self._build(session_id, username, spec, cls, creds, workspace, home)
+            if self._shutting_down:  # (the server began to stop while this one was prepared)
+                raise SessionNotReady("The server is stopping; start the session again once it is back")
+            if stored is not None:
+                await self._seed(session, stored)
         except BaseException:
-            self._remove_home(session_id)
-            self._close_route(session_id)
+            undo()
             raise
-        if self._shutting_down:  # (the server began to stop while this one was prepared)
-            self._remove_home(session.id)
-            self._close_route(session.id)
-            raise SessionNotReady("The server is stopping; start the session again once it is back")
-        if stored is not None:
-            await self._seed(session, stored)
         self._sessions[session.id] = session  # counts against the limit while it starts
         on_listed()
         session.persisted = self.store.enabled
@@ -381,11 +385,10 @@ class UserSessionManager(SessionLimits, StoredSessions):
             self._sessions.pop(session.id, None)
             if stored is None:  # a new session that never started: nothing to keep
                 self.store.end(session, keep=False)
-                self._remove_home(session.id)
             elif not session.closed:  # a resume that failed: it stays suspended
                 self.store.end(session, keep=True)  # (its history says why)
             # (else whoever stopped it — a delete, a cull, the server stopping — settles its record)
-            self._close_route(session.id)
+            undo()
             raise
         return session
 

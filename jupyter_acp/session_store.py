@@ -39,6 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from traitlets import Bool, Float, Integer
 from traitlets.config import LoggingConfigurable
 
+from .usage.ledger import LedgerUnavailable
 from .usage.schema import WRITE_OPTION, session_events_table, sessions_table
 
 if TYPE_CHECKING:
@@ -181,8 +182,14 @@ class SessionStore(LoggingConfigurable):
                 return fn(conn)
 
     def _read(self, fn: Callable[[Any], T]) -> T:
-        with self.ledger.engine.connect() as conn:
-            return fn(conn)
+        """A read; a database that cannot be read is ``LedgerUnavailable`` (503), like the
+        ledger's own reads."""
+        try:
+            with self.ledger.engine.connect() as conn:
+                return fn(conn)
+        except (SQLAlchemyError, OSError) as e:
+            log.warning("Session store: the database could not be read (%s)", type(e).__name__)
+            raise LedgerUnavailable("The session store cannot be read right now; try again") from None
 
     # -- live sessions -------------------------------------------------------------------------
     def track(self, session: AgentSession, stored_sizes: Iterable[tuple[int, int]] = ()) -> None:

@@ -20,6 +20,7 @@ from traitlets.config import LoggingConfigurable
 from .errors import AcpError, BadRequest, PathOutsideWorkspace, SessionBusy, SessionNotFound
 from .session_model import stored_model
 from .session_store import SessionStore, StoredSession
+from .usage.ledger import LedgerUnavailable
 
 if TYPE_CHECKING:
     from .agents import AgentConfigManager, AgentSpec
@@ -61,11 +62,15 @@ class StoredSessions(LoggingConfigurable):
         async def _delete(self, session: AgentSession, reason: str, *, forget: bool = True) -> None: ...
 
     async def suspended_sessions(self, username: str) -> list[StoredSession]:
-        """The user's stored sessions that are not live on this server: resumable."""
+        """The user's stored sessions that are not live on this server: resumable. None while
+        the database cannot be read (the live sessions are listed all the same)."""
         if not self.store.enabled:
             return []
-        return [s for s in await self.store.of_user(username) if s.id not in self._sessions
-                and s.id not in self._stopping]
+        try:
+            stored = await self.store.of_user(username)
+        except LedgerUnavailable:
+            return []
+        return [s for s in stored if s.id not in self._sessions and s.id not in self._stopping]
 
     async def get_suspended(self, username: str, session_id: str) -> StoredSession:
         """The user's stored, not live, session ``session_id`` (another user's: not found)."""

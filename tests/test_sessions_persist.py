@@ -28,6 +28,7 @@ from jupyter_acp.errors import (
     SessionNotFound,
 )
 from jupyter_acp.session import SessionState
+from jupyter_acp.usage import LedgerUnavailable
 
 
 @pytest.fixture(params=["local", pytest.param("bubblewrap", marks=pytest.mark.sandbox),
@@ -263,3 +264,26 @@ async def test_a_session_being_stopped_is_not_resumed_twice(acp_managers):
     resumed = await manager.resume_user_session("alice", session.id)
     assert resumed is not session and manager.store._tracked[session.id].session is resumed
     assert (await resumed.prompt("/recall")).text == "Demo agent remembers: hello"
+
+
+async def test_a_resume_that_fails_keeps_the_session(acp_managers, tmp_path, monkeypatch):
+    """The database cannot be read when the user resumes: a clear 503, and nothing of the
+    session is lost — its home (the agent's own record) stays, a later resume works. Its list
+    shows the live sessions meanwhile."""
+    manager = acp_managers()
+    session = await manager.create_user_session("alice", "demo")
+    await manager.send_message("alice", session.id, "keep me")
+    await manager.close_user_session("alice", session.id)
+
+    async def down(*args, **kwargs):
+        raise LedgerUnavailable("The session store cannot be read right now; try again")
+
+    monkeypatch.setattr(manager.store, "events", down)
+    with pytest.raises(LedgerUnavailable):
+        await manager.resume_user_session("alice", session.id)
+    assert (tmp_path / "homes" / session.id).is_dir() and manager.get_user_sessions("alice") == []
+    monkeypatch.setattr(manager.store, "of_user", down)
+    assert await manager.suspended_sessions("alice") == []  # (the live ones are listed all the same)
+    monkeypatch.undo()
+    resumed = await manager.resume_user_session("alice", session.id)
+    assert (await resumed.prompt("/recall")).text == "Demo agent remembers: keep me"
