@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from traitlets import Bool, Float, Integer
 from traitlets.config import LoggingConfigurable
 
@@ -242,24 +242,50 @@ class SessionStore(LoggingConfigurable):
                     batch.append(self._take(tracked))
             if not batch:
                 return
-            try:
-                await self._run(self._write, lambda conn: _write_batch(conn, batch))
-            except (SQLAlchemyError, OSError) as e:
-                if not self._failing:
-                    log.warning("Session store: could not write session histories (%s); will retry",
-                                type(e).__name__)
-                self._failing = True
-                for (tracked, _row, events, _cut) in batch:  # back in the queue, still bounded
-                    if events:  # (counted again when they are taken again)
-                        while tracked.sizes and tracked.sizes[-1][0] >= events[0][0]:
-                            tracked.total -= tracked.sizes.pop()[1]
-                    tracked.pending[:0] = events
-                    tracked.dirty = True
-                    self._bound_pending(tracked)
-                if only is None and self._tracked:
-                    self._schedule()
+            retry = await self._write_items(batch)
+            if not retry:
+                self._failing = False
                 return
-            self._failing = False
+            for (tracked, _row, events, _cut) in retry:  # back in the queue, still bounded
+                if events:  # (counted again when they are taken again)
+                    while tracked.sizes and tracked.sizes[-1][0] >= events[0][0]:
+                        tracked.total -= tracked.sizes.pop()[1]
+                tracked.pending[:0] = events
+                tracked.dirty = True
+                self._bound_pending(tracked)
+            if only is None and self._tracked:
+                self._schedule()
+
+    async def _write_items(self, batch: list[Any]) -> list[Any]:
+        """Write a batch in one transaction; the items to try again (none: written). If the
+        database refuses a row for good (a duplicate event number: two servers sharing one
+        database resumed the same session), each item is written alone and the refused ones
+        are dropped, so one session cannot stop the others' from being kept."""
+        try:
+            await self._run(self._write, lambda conn: _write_batch(conn, batch))
+            return []
+        except IntegrityError:
+            pass
+        except (SQLAlchemyError, OSError) as e:
+            self._cannot_write(e)
+            return batch
+        retry = []
+        for item in batch:
+            try:
+                await self._run(self._write, lambda conn, item=item: _write_batch(conn, [item]))
+            except IntegrityError as e:
+                log.warning("Session store: the database refused events of session %s (%s); "
+                            "they are not kept", item[1]["id"], type(e).__name__)
+            except (SQLAlchemyError, OSError) as e:
+                self._cannot_write(e)
+                retry.append(item)
+        return retry
+
+    def _cannot_write(self, error: BaseException) -> None:
+        if not self._failing:
+            log.warning("Session store: could not write session histories (%s); will retry",
+                        type(error).__name__)
+        self._failing = True
 
     def _take(self, tracked: _Tracked) -> tuple[_Tracked, dict[str, Any], list[tuple[int, str]], int]:
         events, tracked.pending = tracked.pending, []

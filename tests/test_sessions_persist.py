@@ -287,3 +287,25 @@ async def test_a_resume_that_fails_keeps_the_session(acp_managers, tmp_path, mon
     monkeypatch.undo()
     resumed = await manager.resume_user_session("alice", session.id)
     assert (await resumed.prompt("/recall")).text == "Demo agent remembers: keep me"
+
+
+async def test_a_row_the_database_refuses_stops_no_other_session(acp_managers):
+    """Another server sharing the database wrote events under the same numbers (the same
+    session resumed twice): that session's clashing events are dropped, the other sessions'
+    are kept as before."""
+    manager = acp_managers()
+    a = await manager.create_user_session("alice", "demo", new=True)
+    b = await manager.create_user_session("bob", "demo", new=True)
+    await manager.store.flush()
+    engine = create_engine(manager.ledger.db_url)
+    with engine.begin() as conn:  # the numbers a's next events will take, already taken
+        for seq in range(a.last_seq + 1, a.last_seq + 200):
+            conn.execute(text("INSERT INTO acp_session_events (session_id, seq, payload) "
+                              "VALUES (:s, :n, '{}')"), {"s": a.id, "n": seq})
+    engine.dispose()
+    await asyncio.gather(a.prompt("hello from alice"), b.prompt("hello from bob"))
+    await manager.store.flush()
+    stored_b = [json.loads(p) for _, p in await manager.store.events(b.id)]
+    assert [e["seq"] for e in stored_b] == list(range(1, b.last_seq + 1))
+    assert any(e["type"] == "chat:message" and e["data"]["text"] == "hello from bob" for e in stored_b)
+    assert not manager.store._failing  # (nothing left to retry: a's clash was dropped)
