@@ -524,6 +524,12 @@ class UserSessionManager(SessionLimits, StoredSessions):
             await session.close_at_agent()
             await self._delete(session, "deleted by the user")
             return
+        stopping = self._stopping.get(session_id) if isinstance(session_id, str) else None
+        if stopping is not None and stopping.user == username:  # (being culled or closed)
+            self.store.forget(session_id)  # hidden at once; its suspension cannot bring it back
+            await stopping.stop("deleted by the user")  # (returns once the stop under way is done)
+            await self._forget(session_id)
+            return
         stored = await self.get_suspended(username, session_id)
         await self._forget(stored.id)
 

@@ -163,8 +163,8 @@ class SessionStore(LoggingConfigurable):
         self._soon = False
         self._flushing: set[asyncio.Task[None]] = set()
         self._failing = False
-        #: sessions being forgotten (deleted): hidden from readers at once, deleted from the
-        #: database as soon as it can be written (``forget``)
+        #: sessions forgotten (deleted) by this server: hidden from readers at once, deleted
+        #: from the database as soon as it can be written, never written again (``forget``)
         self._forgotten: set[str] = set()
         self._ending: set[asyncio.Task[None]] = set()
 
@@ -238,7 +238,7 @@ class SessionStore(LoggingConfigurable):
             for tracked in list(self._tracked.values()):
                 if only is not None and tracked.session.id != only:
                     continue
-                if tracked.pending or tracked.dirty:
+                if (tracked.pending or tracked.dirty) and tracked.session.id not in self._forgotten:
                     batch.append(self._take(tracked))
             if not batch:
                 return
@@ -317,7 +317,7 @@ class SessionStore(LoggingConfigurable):
             await self.flush(only=session.id)
         tracked.unsubscribe()
         self._tracked.pop(session.id, None)
-        if state is not None:
+        if state is not None and session.id not in self._forgotten:
             row = record_of(session, state)
             with contextlib.suppress(SQLAlchemyError, OSError):
                 await self._run(self._write, lambda conn: _upsert(conn, row))
@@ -363,8 +363,8 @@ class SessionStore(LoggingConfigurable):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
-            self._forgotten.discard(session_id)
-            return
+            return  # (its id stays in ``_forgotten``: a suspension still under way must not
+            # bring it back; one short string per deleted session)
 
     # -- stored sessions -----------------------------------------------------------------------
     async def of_user(self, user: str) -> list[StoredSession]:

@@ -78,8 +78,6 @@ class StoredSessions(LoggingConfigurable):
                   if self.store.enabled and isinstance(session_id, str) else None)
         if stored is None or session_id in self._sessions:
             raise SessionNotFound(str(session_id))
-        if session_id in self._stopping:  # (its agent is still stopping: one agent per session)
-            raise SessionBusy("The session is being stopped; resume it again in a moment")
         return stored
 
     async def stored_model(self, stored: StoredSession) -> dict[str, Any]:
@@ -107,6 +105,8 @@ class StoredSessions(LoggingConfigurable):
                         self._credentials(live.spec, credentials)
                     return live
                 stored = await self.get_suspended(username, session_id)
+                if session_id in self._stopping:  # (its agent still stops: one agent per session)
+                    raise SessionBusy("The session is being stopped; resume it again in a moment")
                 spec = self.agents.get_available(stored.agent)
                 workspace = self.stored_workspace(username, stored)
                 return await self._admitted_create(username, spec, workspace, credentials, stored)

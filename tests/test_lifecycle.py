@@ -172,7 +172,10 @@ async def test_lifecycle_storm_leaves_nothing_behind(jp_fetch: Any, jp_serverapp
     bob_turn = asyncio.ensure_future(call("POST", f"sessions/{quiet['id']}/messages",
                                           {"message": "/sleep 600"}, user="bob", timeout=600))
     bob = manager.get_user_session("bob", quiet["id"])
-    await wait_for(lambda: bob.state.value == "busy" and bob.last_seq > quiet["last_seq"] + 2)
+    # (its /sleep has streamed both its chunks: nothing more comes until bob cancels)
+    await wait_for(lambda: bob.state.value == "busy" and sum(
+        1 for e in bob.events() if e["type"] == "session/update"
+        and e["data"].get("sessionUpdate") == "agent_message_chunk") >= 2)
     bob_seq = bob.last_seq
 
     async def client(rng: random.Random, ops: int) -> None:

@@ -309,3 +309,19 @@ async def test_a_row_the_database_refuses_stops_no_other_session(acp_managers):
     assert [e["seq"] for e in stored_b] == list(range(1, b.last_seq + 1))
     assert any(e["type"] == "chat:message" and e["data"]["text"] == "hello from bob" for e in stored_b)
     assert not manager.store._failing  # (nothing left to retry: a's clash was dropped)
+
+
+async def test_a_delete_while_the_session_is_being_culled_forgets_it(acp_managers, tmp_path):
+    manager = acp_managers()
+    session = await manager.create_user_session("alice", "demo")
+    await manager.send_message("alice", session.id, "hello")
+    session.last_activity -= 3600
+    culling = asyncio.ensure_future(manager.cleanup(max_age=60))
+    await wait_for(lambda: session.id in manager._stopping)
+    await manager.delete_user_session("alice", session.id)  # (not a 409: deleting always works)
+    await culling
+    await manager.store.flush()
+    await asyncio.sleep(0.2)  # (the cull's suspension, in the background, must not bring it back)
+    assert await manager.suspended_sessions("alice") == [] and not (tmp_path / "homes" / session.id).exists()
+    with pytest.raises(SessionNotFound):
+        await manager.resume_user_session("alice", session.id)
