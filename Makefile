@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 LABEXT := jupyter_acp/labextension/package.json
 labext: $(LABEXT)
 
-$(LABEXT): $(wildcard labextension/src/*.ts labextension/style/*) labextension/package.json | $(STAMP)
+$(LABEXT): $(wildcard labextension/src/*.ts labextension/src/*/*.ts labextension/style/* labextension/schema/*) labextension/package.json | $(STAMP)
 	cd labextension && PATH="$(abspath $(BIN)):$$PATH" jlpm install >/dev/null && PATH="$(abspath $(BIN)):$$PATH" jlpm build
 	@touch $@
 
@@ -96,10 +96,11 @@ test: venv labext system-deps docker agents hub lint jstest
 	@if [ -f $(DOCKER_ENV) ]; then . ./$(DOCKER_ENV); fi; \
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-bench: venv system-deps docker
+bench: venv labext system-deps docker
 	@if [ -f $(DOCKER_ENV) ]; then . ./$(DOCKER_ENV); fi; \
 	for b in sandbox_start docker_pool relay fanout scale hub_gateway; do echo "== bench/$$b.py"; \
 	  $(BIN)/python bench/$$b.py || exit 1; done
+	@echo "== bench/chat_stream.py"; $(BIN)/python bench/chat_stream.py --label current
 
 run: venv labext sandbox-deps
 	@echo "Starting JupyterLab with jupyter-acp (open the URL below; the demo agent needs no setup)"

@@ -29,6 +29,8 @@ from traitlets.config import LoggingConfigurable
 from .credentials import CREDENTIAL_FIELDS, Credentials, Secret, as_secret, problems, resolve_all
 from .errors import AgentNotFound, AgentUnavailable
 from .logredact import SECRET_KEY_RE, register
+from .notebooks.channel import SERVER_NAME as NB_SERVER
+from .notebooks.channel import TOOL_NAMES as NB_TOOLS
 
 #: How permissive an agent's mode (ACP ``session/set_mode``) is, on one scale for every agent:
 #: 0 changes nothing (plan, read-only); 1 asks before edits and commands; 2 edits without asking
@@ -103,6 +105,10 @@ class AgentSpec:
     mode_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Settings merged into ``settings_files`` to start the agent in a mode (mode id →
     {file: content})."""
+    notebook_tools_settings: dict[str, Any] = field(default_factory=dict)
+    """Settings merged into ``settings_files`` when the sessions get the notebook tools
+    (``c.NotebookTools.enabled``): e.g. the agent's own notebook editor taken away, which
+    rewrites the whole ``.ipynb`` behind the open notebook's back ({file: content})."""
     mode_announcement: str = ""
     """A regular expression for a whole ``agent_message_chunk`` text by which the agent announces
     a mode change of its own (group 1: the mode id), for agents that send no
@@ -218,6 +224,12 @@ class AgentSpec:
         settings = _merged(self.settings_files, self.mode_settings.get(mode, {}))
         return replace(self, command=command, settings_files=settings)
 
+    def with_notebook_tools(self) -> AgentSpec:
+        """A copy for sessions that get the notebook tools: ``notebook_tools_settings`` applied."""
+        if not self.notebook_tools_settings:
+            return self
+        return replace(self, settings_files=_merged(self.settings_files, self.notebook_tools_settings))
+
     def runtime_ro_paths(self) -> list[str]:
         """``ro_paths`` plus what a node agent's executable needs inside a sandbox: its directory
         and the ``node_modules`` tree its script lives in (e.g. a cache outside ``/usr``)."""
@@ -288,6 +300,14 @@ QWEN_SETTINGS = {
     "memory": {"enableManagedAutoMemory": False, "enableManagedAutoDream": False, "enableAutoSkill": False},
     "model": {"skipNextSpeakerCheck": True, "generationConfig": {"contextWindowSize": 131072}},
     "security": {"auth": {"selectedType": "openai"}},
+    # the notebook tools (notebooks/channel.py): Qwen Code 0.24 offers MCP tools to its LLM only
+    # through its ``tool_search`` tool unless they are listed here (a plain tool loop never
+    # finds them); its env QWEN_CODE_LEGACY_MCP_BLOCKING=1 connects them before the first turn
+    "tools": {"visible": [f"mcp__{NB_SERVER}__{name}" for name in NB_TOOLS]},
+    # ... and runs them without a permission request per cell edit (the rule ``mcp__jupyter``
+    # covers all of the server's tools): the tools guard themselves (a run in a kernel asks the
+    # user, an edit is undoable)
+    "permissions": {"allow": [f"mcp__{NB_SERVER}"]},
 }
 
 #: Gemini CLI 0.61 settings: API-key auth, no telemetry or usage statistics, no auto-update,
@@ -301,6 +321,12 @@ GEMINI_SETTINGS = {
     "security": {"auth": {"selectedType": "gemini-api-key"}, "folderTrust": {"enabled": False}},
     "model": {"skipNextSpeakerCheck": True},
     "ide": {"enabled": False},
+    # the notebook tools (notebooks/channel.py), ``mcp_jupyter_<tool>`` to Gemini: it runs them
+    # without asking (outside plan mode) instead of sending a permission request per cell edit,
+    # which the server could not tell from others (Gemini's carry no ``_meta.toolName``). The
+    # tools guard themselves: a run in a kernel asks the user, an edit is undoable. (Also an
+    # allow-list: no other MCP server connects — none is configured.)
+    "mcp": {"allowed": [NB_SERVER]},
 }
 
 #: The ACP modes of each built-in agent, least permissive first, with their levels and how each
@@ -330,8 +356,13 @@ CLAUDE_MODE_LEVELS = {"plan": 0, "dontAsk": 1, "default": 1, "acceptEdits": 2, "
 CLAUDE_ENV = {"DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1",
               "DISABLE_BUG_COMMAND": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
               "CLAUDE_CODE_ENABLE_PROMPT_SUGGESTION": "false", "CLAUDE_CODE_DISABLE_FEEDBACK_SURVEY": "1"}
-#: ``~/.claude/settings.json``: no co-author lines in commits it makes for the user.
-CLAUDE_SETTINGS = {"includeCoAuthoredBy": False, "permissions": {"defaultMode": "default"}}
+#: ``~/.claude/settings.json``: no co-author lines in commits it makes for the user. The notebook
+#: tools (``mcp__jupyter__<tool>``; the rule ``mcp__jupyter`` covers all of the server's) run
+#: without a permission request per cell edit, which the server could not tell from others
+#: (Claude's carry ``_meta.claudeCode.toolName``): the tools guard themselves (a run in a
+#: kernel asks the user, an edit is undoable).
+CLAUDE_SETTINGS = {"includeCoAuthoredBy": False,
+                   "permissions": {"defaultMode": "default", "allow": [f"mcp__{NB_SERVER}"]}}
 #: codex-acp 0.16 (codex 0.137): ``read-only`` (asks before edits and commands), ``auto`` (edits and
 #: runs commands in the workspace without asking), ``full-access``; the mode follows the
 #: ``approval_policy`` and ``sandbox_mode`` of its config.
@@ -372,7 +403,11 @@ def builtin_specs() -> list[AgentSpec]:
             description="Qwen Code (npm @qwen-code/qwen-code) over ACP; OpenAI-compatible endpoints.",
             mem_limit=1024**3,
             llm_api="openai",
+            env={"QWEN_CODE_LEGACY_MCP_BLOCKING": "1"},
             settings_files={".qwen/settings.json": QWEN_SETTINGS},
+            # (its ``notebook_edit`` writes the whole file through fs/write_text_file, which the
+            # server refuses while the tools are on: offered, it only wastes a call of the LLM)
+            notebook_tools_settings={".qwen/settings.json": {"permissions": {"deny": ["notebook_edit"]}}},
             mode_levels=dict(QWEN_MODE_LEVELS),
             policy_modes={"ask": "default", "allow": "auto-edit", "deny": "plan"},
             mode_args={m: ["--approval-mode", m] for m in QWEN_MODE_LEVELS},
@@ -448,7 +483,8 @@ class AgentConfigManager(LoggingConfigurable):
         ``AgentSpec``: ``command`` (argv list) or ``url`` (ws:// endpoint), and optionally
         ``display_name``, ``env``, ``capabilities``, ``credential_env`` (credential field →
         environment variable), ``description``, ``mem_limit`` (bytes), ``ro_paths``, and for its
-        modes ``mode_levels``, ``policy_modes``, ``mode_args``, ``mode_settings``.
+        modes ``mode_levels``, ``policy_modes``, ``mode_args``, ``mode_settings``, and
+        ``notebook_tools_settings`` (settings applied while the notebook tools are on).
         A name equal to a built-in agent replaces it.""",
     ).tag(config=True)
 

@@ -30,6 +30,7 @@ from .handlers import handlers
 from .hubclient import HUB_TOKEN_ENV, SERVICE_URL_ENV, HubClient, HubConfigError, resolve_hub_mode
 from .limits import return_large_blocks_to_the_os
 from .manager import UserSessionManager
+from .notebooks.channel import NotebookTools
 from .sandbox.bubblewrap import BubblewrapSettings
 from .session_store import SessionStore
 from .usage import UsageLedger
@@ -66,7 +67,7 @@ class AcpExtension(ExtensionApp):
     version = __version__
     load_other_extensions = True
     classes = [UserSessionManager, AgentConfigManager, UsageLedger, SessionStore, LlmGateway,
-               *_sandbox_classes()]
+               NotebookTools, *_sandbox_classes()]
 
     admin_users = List(
         Unicode(),
@@ -195,6 +196,7 @@ class AcpExtension(ExtensionApp):
             manager.root_dir = self.serverapp.root_dir  # workspaces default to what Jupyter serves
         manager.on_activity = self._activity
         manager.on_audit = self._audit
+        manager.notebooks.serverapp = self.serverapp  # (its rooms, contents root and kernels)
         self.manager = manager
         self._tasks: set[asyncio.Future[Any]] = set()
         event_logger = getattr(self.serverapp, "event_logger", None)
@@ -291,6 +293,7 @@ class AcpExtension(ExtensionApp):
         except Exception:
             self.log.exception("jupyter-acp: could not prepare the sandbox backends")
         self.manager.start_monitor()
+        self.spawn(self.manager.notebooks.preload())
         return_large_blocks_to_the_os(self.malloc_mmap_threshold)
         if self.gc_freeze:
             gc.collect()  # (what is garbage now is freed, not frozen)

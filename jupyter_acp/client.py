@@ -24,7 +24,7 @@ from acp.interfaces import Client
 
 from .limits import AgentInputLimits
 from .refusals import RefusalLog, guard_agent_calls, install_sdk_filter
-from .terminals import Terminals
+from .terminals import OutputSink, Terminals
 from .workspace_fs import WorkspaceFS
 
 if TYPE_CHECKING:
@@ -47,7 +47,9 @@ class SessionHost(Protocol):
 class AcpClient:
     """``acp.Client`` for one agent session: fs confined, terminals sandboxed, rest delegated."""
 
-    def __init__(self, host: SessionHost, sandbox: Sandbox, limits: AgentInputLimits | None = None) -> None:
+    def __init__(self, host: SessionHost, sandbox: Sandbox, limits: AgentInputLimits | None = None,
+                 *, refused_writes: dict[str, str] | None = None,
+                 on_terminal_output: OutputSink | None = None) -> None:
         self.host = host
         self.sandbox = sandbox
         self.limits = limits or AgentInputLimits()
@@ -55,8 +57,10 @@ class AcpClient:
         self.refusals = RefusalLog(sandbox.spec.labels.get("session", "?"))
         install_sdk_filter()
         self.fs = WorkspaceFS(sandbox.spec.workspace, sandbox.workspace_path, self.limits,
-                              label=sandbox.spec.labels.get("session", ""), refusals=self.refusals)
-        self.terminals = Terminals(sandbox, self.limits, self.refusals)
+                              label=sandbox.spec.labels.get("session", ""), refusals=self.refusals,
+                              refused_writes=refused_writes)
+        #: ``on_terminal_output``: where the terminals' ``terminal:output`` events go
+        self.terminals = Terminals(sandbox, self.limits, self.refusals, on_terminal_output)
 
     # -- notifications and permission --------------------------------------------------------
     async def session_update(self, session_id: str, update: Any, **kwargs: Any) -> None:

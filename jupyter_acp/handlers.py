@@ -249,6 +249,18 @@ class PermissionHandler(AcpHandler):
         self.finish()
 
 
+class NotebookUndoHandler(AcpHandler):
+    """Undo one of the agent's notebook edits (JupyterLab's own undo leaves another client's
+    edit alone, so this is how the user takes an agent's edit back)."""
+
+    async def post(self, session_id: str, edit_id: str) -> None:
+        session = self.user_session(session_id)
+        if session.notebooks is None:
+            raise BadRequest("This session has no notebook tools (c.NotebookTools.enabled)")
+        record = await session.notebooks.undo(edit_id)
+        self.write_json({"undone": edit_id, "record": record})
+
+
 class ModeHandler(AcpHandler):
     def mode_model(self, session: AgentSession) -> dict[str, Any]:
         modes = session.modes or {}
@@ -337,6 +349,7 @@ def handlers() -> list[tuple[str, type]]:
         (f"sessions/{SESSION_ID}/cancel", CancelHandler),
         (f"sessions/{SESSION_ID}/history", HistoryHandler),
         (f"sessions/{SESSION_ID}/permissions/(?P<request_id>[^/]+)", PermissionHandler),
+        (f"sessions/{SESSION_ID}/notebook-edits/(?P<edit_id>[^/]+)/undo", NotebookUndoHandler),
         (f"sessions/{SESSION_ID}/mode", ModeHandler),
         (f"sessions/{SESSION_ID}/config", ConfigHandler),
         (f"sessions/{SESSION_ID}/ws", SessionSocket),

@@ -36,9 +36,11 @@ from .errors import (
     TooManySessions,
 )
 from .gateway import LlmGateway
-from .gateway.plan import plan_launch, uses_gateway
+from .gateway.plan import Launch, plan_launch, uses_gateway
 from .hubclient import GatewayGrant, HubClient, service_checks_quota
 from .limit_traits import SessionLimits
+from .notebooks.channel import NotebookTools
+from .notebooks.session_tools import SessionNotebooks
 from .sandbox import backend
 from .sandbox.base import SYSTEM_PATH, Sandbox, SandboxBackend, SandboxSpec
 from .sandbox.remote import RemoteAgent
@@ -175,6 +177,12 @@ class UserSessionManager(SessionLimits, StoredSessions):
     agents = Instance(AgentConfigManager)
     ledger = Instance(UsageLedger)
     gateway = Instance(LlmGateway)
+    notebooks = Instance(NotebookTools)
+
+    @default("notebooks")
+    def _default_notebooks(self) -> NotebookTools:
+        return NotebookTools(parent=self)
+
     @default("gateway")
     def _default_gateway(self) -> LlmGateway:
         return LlmGateway(parent=self)
@@ -197,6 +205,8 @@ class UserSessionManager(SessionLimits, StoredSessions):
         self._shutting_down = False
         self._monitor: asyncio.Task[None] | None = None
         self._started_backends: set[SandboxBackend] = set()
+        #: each live session's notebook tools (its socket directory, its edits), by session id
+        self._notebooks: dict[str, SessionNotebooks] = {}
         #: Called on agent activity (the extension keeps ``acp_last_activity`` fresh with it).
         self.on_activity: Callable[[], None] | None = None
         #: Called with (event name, data) for audit events (the extension's event logger).
@@ -350,6 +360,8 @@ class UserSessionManager(SessionLimits, StoredSessions):
         cls: SandboxBackend = RemoteAgent if spec.url else self.backend_for(spec)
         await self._backend_started(cls)
         spec = spec.for_policy(self.permission_policy)  # started in the policy's mode
+        if self._gets_notebook_tools(spec):
+            spec = spec.with_notebook_tools()
         # built in one step: first the id, the home and the launch (which may open a gateway
         # route whose callbacks reach the session once it exists), then the session itself
         session_id = stored.id if stored is not None else uuid.uuid4().hex
@@ -419,16 +431,18 @@ class UserSessionManager(SessionLimits, StoredSessions):
                                           else lambda: self.ledger.acheck_quota(username)),
                              on_refused=lambda message: session.quota_refused(message),
                              gateway_target=cls.gateway_target)
+        notebooks = self._notebooks_for(session_id, spec, cls, launch)
+        nb_ro, nb_rw = notebooks.sandbox_paths() if notebooks else ([], [])
         sandbox_spec = SandboxSpec(
             argv=launch.argv,
             workspace=workspace,
             env={**self._agent_env(spec, launch.credentials, home), **launch.env},
             limits=self.limits_for(spec),
             labels={"user": username, "session": session_id, "agent": spec.name},
-            ro_paths=launch.ro_paths,
-            rw_paths=list(launch.rw_paths),
+            ro_paths=[*launch.ro_paths, *nb_ro],
+            rw_paths=[*launch.rw_paths, *nb_rw],
             home=str(home),
-            gateway_dir=launch.gateway_dir,
+            gateway_dir=launch.gateway_dir or (notebooks.directory if notebooks else None),
         )
         factory: Callable[[], Sandbox]
         if url := spec.url:
@@ -450,7 +464,25 @@ class UserSessionManager(SessionLimits, StoredSessions):
                                                                           self.allowed_models.get("*"))),
             on_activity=self._activity, on_audit=self._audit,
         )
+        session.notebooks = notebooks
         return session
+
+    def _gets_notebook_tools(self, spec: AgentSpec) -> bool:
+        """On, and not a remote agent (it cannot start a stdio server next to us)."""
+        return self.notebooks.enabled and not spec.url
+
+    def _notebooks_for(self, session_id: str, spec: AgentSpec, cls: SandboxBackend,
+                       launch: Launch) -> SessionNotebooks | None:
+        """The session's notebook tools (None: ``_gets_notebook_tools`` says no). Their socket
+        goes in the session's socket directory: its gateway route's, else one of their own."""
+        if not self._gets_notebook_tools(spec):
+            return None
+        own = launch.gateway_dir is None
+        notebooks = self._notebooks[session_id] = SessionNotebooks(
+            self.notebooks, directory=launch.gateway_dir or self.notebooks.make_dir(), own_dir=own,
+            # (a backend that shows the socket directory at a fixed path mounts it itself)
+            writable_path=own and cls.gateway_target is None, sandbox_dir=cls.gateway_target)
+        return notebooks
 
     def _agent_env(self, spec: AgentSpec, creds: dict[str, str], home: Path) -> dict[str, str]:
         """The agent's whole environment: never the server's own (it may hold secrets), and
@@ -565,6 +597,8 @@ class UserSessionManager(SessionLimits, StoredSessions):
     def _close_route(self, session_id: str) -> asyncio.Task[bool] | None:
         """Close the session's gateway route and, in hub mode, start revoking its gateway
         token at the service (the task; None when it had none)."""
+        if (notebooks := self._notebooks.pop(session_id, None)) is not None:
+            notebooks.discard()
         self.gateway.close_route(session_id)
         grant = self._hub_grants.pop(session_id, None)
         if grant is None or self.hub is None:

@@ -46,12 +46,16 @@ class PendingPermission:
 
 
 def choose(options: list[schema.PermissionOption], *, allow: bool) -> schema.RequestPermissionResponse:
-    """The first option of the allowing (or rejecting) kind; "cancelled" when there is none."""
+    """The allowing (or rejecting) option, a once-only one first: an "always" answer given for
+    the user would make the agent stop asking (Qwen Code lists its "always" options first, and
+    "always for this project" writes an allow rule into the user's workspace); "cancelled"
+    when there is none."""
     kinds = ("allow_once", "allow_always") if allow else ("reject_once", "reject_always")
-    for option in options:
-        if option.kind in kinds:
-            return schema.RequestPermissionResponse(
-                outcome=schema.AllowedOutcome(outcome="selected", option_id=option.option_id))
+    for kind in kinds:
+        for option in options:
+            if option.kind == kind:
+                return schema.RequestPermissionResponse(
+                    outcome=schema.AllowedOutcome(outcome="selected", option_id=option.option_id))
     return schema.RequestPermissionResponse(outcome=schema.DeniedOutcome(outcome="cancelled"))
 
 
@@ -69,10 +73,12 @@ class PermissionDesk:
         self.pending: dict[str, PendingPermission] = {}
         self._refused = 0
 
-    async def ask(self, tool_call: schema.ToolCallUpdate,
-                  options: list[schema.PermissionOption]) -> schema.RequestPermissionResponse:
-        """The answer to one request of the agent: the policy's, the user's, or a rejection."""
-        if self.policy in ("allow", "deny"):
+    async def ask(self, tool_call: schema.ToolCallUpdate, options: list[schema.PermissionOption],
+                  *, always_ask: bool = False) -> schema.RequestPermissionResponse:
+        """The answer to one request of the agent: the policy's, the user's, or a rejection.
+        ``always_ask``: the user is asked even under the ``allow`` policy (a run of code in the
+        user's own kernel, outside the sandbox); ``deny`` still refuses at once."""
+        if self.policy == "deny" or (self.policy == "allow" and not always_ask):
             response = choose(options, allow=self.policy == "allow")
             self._audit("permission", decision=self.policy, by="policy", tool_call=tool_call.title)
             return response

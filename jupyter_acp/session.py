@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from acp import PROTOCOL_VERSION, connect_to_agent, schema
 from acp.exceptions import RequestError
@@ -42,14 +42,19 @@ from .history import EventHistory, Subscriber, public_event, wire_json
 from .linefilter import filtered_reader
 from .model_choice import ModelChoice
 from .modes import ModePolicy
-from .permissions import PendingPermission, PermissionDesk
+from .notebooks.session_tools import NOTEBOOK_WRITES_REFUSED, is_notebook_tool_call
+from .permissions import PendingPermission, PermissionDesk, choose
 from .prompt_content import Image, build_prompt
+from .quota_brake import QuotaBrake
 from .sandbox.base import Sandbox, SandboxSpec
 from .session_model import live_model
 from .session_open import open_acp_session
 from .session_types import SessionOptions, SessionState, TurnResult, UsageBook
 from .shrink import TextBudget
 from .usage import RecordOutcome, TurnUsage, UsageNormalizer
+
+if TYPE_CHECKING:
+    from .notebooks.session_tools import SessionNotebooks
 
 log = logging.getLogger("jupyter_acp.session")
 
@@ -119,6 +124,10 @@ class AgentSession:
         self.earlier_usage: dict[str, Any] = {}
         self.sandbox: Sandbox | None = None
         self.client: AcpClient | None = None
+        #: the notebook tools (set by the manager; None: off), and the ``mcpServers`` given to
+        #: the agent at this start (a fresh route each start)
+        self.notebooks: SessionNotebooks | None = None
+        self.mcp_servers: list[Any] = []
         self.conn: Any = None
         self.usage = UsageNormalizer()
         #: True when the LLM gateway meters this session: each of its LLM requests is recorded
@@ -138,17 +147,15 @@ class AgentSession:
         self._filter: asyncio.Task[None] | None = None
         self._turn_text = TextBudget(self.options.limits.max_turn_text_bytes)
         self._turn_task: asyncio.Task[Any] | None = None
-        #: the running turn's quota refusal (``quota_refused``): its message, the task that
-        #: cancels the turn, and the future that ends it on our side if the agent does not
-        self._quota_error: str | None = None
-        self._quota_task: asyncio.Task[None] | None = None
-        self._turn_abort: asyncio.Future[Any] | None = None
+        #: the running turn's quota refusal (``quota_refused``, quota_brake.py)
+        self.quota_brake = QuotaBrake(self)
         self._replaying = False
         #: start, restart and stop one at a time (the manager's per-session lifecycle order)
         self._lock = asyncio.Lock()
         #: set by stop(), never cleared: a session that is stopped never runs an agent again,
         #: and a start that is under way gives up at its next step
         self._closed = asyncio.Event()
+        self._closing = False  # (close_at_agent: session/close sent, stop() comes next)
 
     # -- events (history.py) ------------------------------------------------------------------
     @property
@@ -232,7 +239,12 @@ class AgentSession:
         await self.sandbox.start()
         if self._closed.is_set():
             raise AgentError("The session was stopped while its agent started")
-        self.client = AcpClient(self, self.sandbox, self.options.limits)
+        self.client = AcpClient(self, self.sandbox, self.options.limits, refused_writes=(
+            None if self.notebooks is None else NOTEBOOK_WRITES_REFUSED),
+            on_terminal_output=lambda data: self.history.emit(  # (a snapshot: one kept per terminal)
+                "terminal_output", data, key=f"terminal:{data['terminal_id']}"))
+        self.mcp_servers = [] if self.notebooks is None or self.sandbox.transport is not None \
+            else await self.notebooks.open(self, self.client.fs)
         if self.sandbox.transport is not None:  # a remote agent over a WebSocket
             self.conn = connect_to_agent(self.client.as_sdk_client(), self.sandbox.transport)
         else:
@@ -342,6 +354,9 @@ class AgentSession:
         caps = self.agent_capabilities.get("sessionCapabilities") or {}
         if "close" not in caps or self.conn is None or self.state is not SessionState.READY:
             return False
+        # no prompt goes after the close (the agent would not know the session: a 502); the
+        # caller stops the session next
+        self._closing = True
         try:  # (bounded short: an agent slow to close must not hold up a delete or a close)
             await asyncio.wait_for(self._bounded(self.conn.close_session(session_id=self.acp_session_id),
                                                  "session/close"), self.CLOSE_TIMEOUT)
@@ -373,6 +388,8 @@ class AgentSession:
 
     async def _teardown(self) -> None:
         sandbox, self.sandbox = self.sandbox, None
+        if self.notebooks is not None:  # (its runs in kernels are interrupted)
+            await self.notebooks.close()
         if self.client is not None:
             await self.client.close()
         if self.conn is not None:
@@ -414,7 +431,7 @@ class AgentSession:
             raise SessionNotReady(f"The session is {self.state.value}")
 
     def _check_ready(self) -> None:
-        if self._closed.is_set():  # (stop() is tearing it down: the state says so only after)
+        if self._closed.is_set() or self._closing:  # (stop() or close: the state says so only after)
             raise SessionNotReady("This session was stopped; start a new one")
         if self.state is SessionState.BUSY:
             raise SessionBusy("The agent is still answering the previous message; cancel it or wait")
@@ -450,8 +467,7 @@ class AgentSession:
         )
         watcher = self._watcher
         turn_task = self._turn_task
-        abort = self._turn_abort = asyncio.get_running_loop().create_future()  # (quota_refused)
-        self._quota_error = None
+        abort = self.quota_brake.arm()  # (quota_refused)
         response = None
         try:
             done, _ = await asyncio.wait({turn_task, abort} | ({watcher} if watcher else set()),
@@ -475,7 +491,7 @@ class AgentSession:
                 self._set_state(SessionState.READY)
             raise
         except RequestError as e:
-            if self._quota_error is not None:  # the agent failed after a quota refusal: its end
+            if self.quota_brake.error is not None:  # the agent failed after a quota refusal: its end
                 log.info("Session %s: the agent ended the quota-refused turn with an error: %s", self.id, e)
                 response = schema.PromptResponse(stop_reason="cancelled")
             else:
@@ -533,7 +549,7 @@ class AgentSession:
         request's) becomes one ``error`` event before ``turn_end``, and the session goes on.
         If the session was stopped while the record was written, the turn still ends, then
         ``SessionNotReady`` is raised, so that no caller marks the stopped session ready."""
-        quota_error, self._quota_error = self._quota_error, None
+        quota_error = self.quota_brake.take()
         if quota_error is not None:  # the turn's one quota error, before its end (quota_refused)
             self._emit("error", {"message": quota_error, "turn": turn, "quota": True})
         usage = self.usage.end_turn(response)
@@ -563,6 +579,8 @@ class AgentSession:
         if self.state is not SessionState.BUSY or self.conn is None:
             return False
         self._cancel_pending_permissions()
+        if self.notebooks is not None:
+            await self.notebooks.cancel()
         await self.conn.cancel(session_id=self.acp_session_id)
         self._emit("cancel_requested", {})
         return True
@@ -573,40 +591,9 @@ class AgentSession:
 
     def quota_refused(self, message: str) -> None:
         """The LLM gateway refused one of this session's requests: the daily quota is used up.
-
-        Agents retry a 429 whatever it says (Qwen Code for minutes on end, Gemini CLI for about
-        3.5 minutes), so the turn would stay busy. The first refusal of a turn keeps ``message``
-        for the turn's one ``error`` event (emitted just before its ``turn_end``, and in its
-        ``TurnResult``) and cancels the turn at the agent (ACP ``session/cancel``) at once; a
-        turn the agent has not ended ``QUOTA_CANCEL_GRACE`` s later is ended here (stop reason
-        ``cancelled``; the agent's late answer is dropped by the SDK, as for any cancelled
-        request). Later refusals of the turn, and refusals outside a turn, change nothing."""
-        turn_task, abort = self._turn_task, self._turn_abort
-        if (self.state is not SessionState.BUSY or turn_task is None or abort is None or abort.done()
-                or self._quota_error is not None):
-            return
-        self._quota_error = message
-        self._quota_task = asyncio.get_running_loop().create_task(
-            self._end_refused_turn(turn_task, abort), name=f"acp-quota-{self.id}")
-
-    async def _end_refused_turn(self, turn_task: asyncio.Task[Any], abort: asyncio.Future[Any]) -> None:
-        if self._turn_task is turn_task:
-            # not awaited before the grace period runs: an agent that stops reading its stdin
-            # would hold the write, and the turn with it
-            cancel = asyncio.ensure_future(self.cancel())
-
-            def note_failure(t: asyncio.Future[bool]) -> None:
-                if not t.cancelled() and t.exception():
-                    log.info("Session %s: could not cancel the quota-refused turn: %s", self.id,
-                             t.exception())
-
-            cancel.add_done_callback(note_failure)
-        done, _ = await asyncio.wait({turn_task}, timeout=self.QUOTA_CANCEL_GRACE)
-        if not done and not abort.done() and self._turn_task is turn_task:
-            log.warning("Session %s (user %s): %s did not end its turn within %g s of session/cancel "
-                        "after a quota refusal; the turn is ended here", self.id, self.user,
-                        self.spec.name, self.QUOTA_CANCEL_GRACE)
-            abort.set_result(schema.PromptResponse(stop_reason="cancelled"))
+        The turn is cancelled at the agent, and ended here if the agent does not end it within
+        ``QUOTA_CANCEL_GRACE`` s (quota_brake.py)."""
+        self.quota_brake.refused(message)
 
     async def set_mode(self, mode_id: str) -> None:
         """The user's mode change (ACP ``session/set_mode``), within what the admin allows."""
@@ -683,6 +670,8 @@ class AgentSession:
     async def on_permission_request(self, tool_call: schema.ToolCallUpdate,
                                     options: list[schema.PermissionOption]
                                     ) -> schema.RequestPermissionResponse:
+        if self.notebooks is not None and is_notebook_tool_call(tool_call):
+            return choose(options, allow=True)  # (the tools ask themselves: session_tools.py)
         return await self.permissions.ask(tool_call, options)
 
     @property

@@ -51,9 +51,11 @@ async def open_acp_session(session: AgentSession, *, restore: bool) -> None:
             session._replaying = how == "load"
             try:
                 if how == "resume":
-                    call = conn.resume_session(cwd=cwd, session_id=session.acp_session_id, mcp_servers=[])
+                    call = conn.resume_session(cwd=cwd, session_id=session.acp_session_id,
+                                               mcp_servers=session.mcp_servers)
                 else:
-                    call = conn.load_session(cwd=cwd, session_id=session.acp_session_id, mcp_servers=[])
+                    call = conn.load_session(cwd=cwd, session_id=session.acp_session_id,
+                                             mcp_servers=session.mcp_servers)
                 resp = await session._bounded(call, f"session/{how}")
             except AgentError as e:
                 if session._closed.is_set():
@@ -78,7 +80,7 @@ async def open_acp_session(session: AgentSession, *, restore: bool) -> None:
         session._emit("error", {"message": f"{lost[0].upper()}{lost[1:]}; it starts fresh and "
                                            "does not remember the earlier messages.",
                                 "context_lost": True})
-    resp = await session._bounded(conn.new_session(cwd=cwd, mcp_servers=[]), "session/new")
+    resp = await session._bounded(conn.new_session(cwd=cwd, mcp_servers=session.mcp_servers), "session/new")
     session.acp_session_id = resp.session_id
     session._set_modes(resp.modes, getattr(resp, "config_options", None))
     await session.mode_policy.apply(new=True)

@@ -54,6 +54,10 @@ LIVE, SUSPENDED = "live", "suspended"
 #: change of state — the points a user would expect to find again after a crash. (Streamed
 #: chunks are batched: they are most events, and the end of their turn writes them.)
 DURABLE_NOW = frozenset({"user_message", "turn_end", "state"})
+#: Events not stored: ``terminal:output`` snapshots (a terminal's whole output, replaced every
+#: quarter second while it prints) would fill the stored history, which cannot drop the ones
+#: they replace (``history.py``); a resumed session has no terminals.
+NOT_STORED = frozenset({"terminal_output"})
 
 
 @dataclass
@@ -204,6 +208,8 @@ class SessionStore(LoggingConfigurable):
             tracked.total += size
 
         def on_event(event: dict[str, Any]) -> None:
+            if event["type"] in NOT_STORED:
+                return
             tracked.pending.append((event["seq"], session.payload(event["seq"])))
             tracked.dirty = True
             self._schedule(soon=event["type"] in DURABLE_NOW)
@@ -457,8 +463,9 @@ def _numbered(session: AgentSession, stored: Iterable[tuple[int, int]]) -> list[
     out = []
     for payload in session.payloads(last):
         with contextlib.suppress(ValueError, KeyError, TypeError):
-            seq = json.loads(payload)["seq"]
-            if isinstance(seq, int) and seq > last:
+            event = json.loads(payload)
+            seq = event["seq"]
+            if isinstance(seq, int) and seq > last and event["type"] != "terminal:output":
                 out.append((seq, payload))
     return out
 

@@ -104,9 +104,11 @@ class StoredSessions(LoggingConfigurable):
                     if credentials:  # (not used: the agent runs; refused all the same if bad)
                         self._credentials(live.spec, credentials)
                     return live
-                stored = await self.get_suspended(username, session_id)
-                if session_id in self._stopping:  # (its agent still stops: one agent per session)
+                # (checked before any wait: its agent still stops, and two agents never share a
+                # session's home; a stop cannot begin meanwhile, only live sessions are stopped)
+                if session_id in self._stopping:
                     raise SessionBusy("The session is being stopped; resume it again in a moment")
+                stored = await self.get_suspended(username, session_id)
                 spec = self.agents.get_available(stored.agent)
                 workspace = self.stored_workspace(username, stored)
                 return await self._admitted_create(username, spec, workspace, credentials, stored)

@@ -20,6 +20,13 @@ request that does not fit is refused with JSON-RPC -32602 and a message that nam
 
 Each refusal is logged in one line through the session's ``RefusalLog`` (rate-limited, see
 ``refusals.py``).
+
+The session's clients see a terminal's output through ``terminal:output`` events (``OutputFeed``,
+docs/api.md): the end of the kept output so far, at most ``EVENT_OUTPUT_BYTES``, and its exit
+status; sent when it changed, at most once per ``OUTPUT_INTERVAL`` per terminal, and once more
+when the command ends and when the agent releases it. Each is a snapshot that replaces the last
+in the session's history (``history.EventHistory``), so no amount of output can push the
+conversation out of it. What the agent's commands print is never logged.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import posixpath
 import signal
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +69,14 @@ MAX_ENV_BYTES = 256 * 1024
 MAX_CWD_BYTES = PATH_MAX
 #: Bytes read from a terminal's output at a time.
 READ_CHUNK = 65536
+#: Seconds between two ``terminal:output`` events of one terminal while it prints.
+OUTPUT_INTERVAL = 0.25
+#: Bytes of output (the end of what is kept) one ``terminal:output`` event carries: enough for
+#: a tool card, small enough that the history's snapshot budget holds many terminals.
+EVENT_OUTPUT_BYTES = 64 * 1024
+
+#: Where a terminal's ``terminal:output`` data goes (the session's history).
+OutputSink = Callable[[dict[str, Any]], object]
 
 
 class TerminalRefused(Exception):
@@ -162,11 +178,15 @@ def check_request(command: Any, args: Any, env: Any, cwd: Any, output_byte_limit
 class Terminal:
     """One command started by the agent through ``terminal/create``, output capped."""
 
-    def __init__(self, proc: CommandProcess, byte_limit: int) -> None:
+    def __init__(self, proc: CommandProcess, byte_limit: int,
+                 on_output: Callable[[], object] | None = None) -> None:
         self.proc = proc
         self.limit = max(0, byte_limit)
         self.output = bytearray()
         self.truncated = False
+        #: bytes read in all (the output kept stops growing at the limit; this does not)
+        self.received = 0
+        self._on_output = on_output
         self.reader = asyncio.create_task(self._read(), name="acp-terminal-output")
 
     async def _read(self) -> None:
@@ -178,11 +198,12 @@ class Terminal:
                 self.output += chunk
                 if len(self.output) > self.limit:
                     # the protocol keeps the end of the output, cut at a character boundary
-                    cut = len(self.output) - self.limit
-                    while cut < len(self.output) and (self.output[cut] & 0xC0) == 0x80:
-                        cut += 1
+                    cut = _char_boundary(self.output, len(self.output) - self.limit)
                     del self.output[:cut]
                     self.truncated = True
+                self.received += len(chunk)
+                if self._on_output is not None:
+                    self._on_output()
         except (OSError, ValueError, asyncio.IncompleteReadError) as e:
             log.debug("Terminal output ended: %s", e)
 
@@ -214,14 +235,82 @@ class Terminal:
             self.proc.kill()
 
 
+def _char_boundary(data: bytearray | bytes, cut: int) -> int:
+    """``cut`` moved forward past UTF-8 continuation bytes: where a kept end of ``data`` starts
+    without half a character."""
+    while 0 < cut < len(data) and (data[cut] & 0xC0) == 0x80:
+        cut += 1
+    return cut
+
+
+def _tail(data: bytearray | bytes, limit: int) -> tuple[str, bool]:
+    """The last ``limit`` bytes of ``data`` (cut at a character boundary) as text, and whether
+    anything was cut."""
+    cut = _char_boundary(data, max(0, len(data) - limit))
+    return bytes(data[cut:]).decode(errors="replace"), cut > 0
+
+
+class OutputFeed:
+    """One terminal's ``terminal:output`` events: sent when its output or exit status changed,
+    at most once per ``OUTPUT_INTERVAL`` (``changed``), and at once when it ends (``send``)."""
+
+    def __init__(self, terminal_id: str, sink: OutputSink) -> None:
+        self.terminal_id = terminal_id
+        self.sink = sink
+        self.term: Terminal | None = None
+        self._sent: tuple[int, Any] | None = None  # (bytes received, exit status) last sent
+        self._last = float("-inf")  # loop time of the last event
+        self._timer: asyncio.TimerHandle | None = None
+
+    def changed(self) -> None:
+        """New output: an event now, or when ``OUTPUT_INTERVAL`` has passed since the last."""
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._last + OUTPUT_INTERVAL - loop.time())
+            self._timer = loop.call_later(delay, self.send)
+
+    def send(self) -> None:
+        """An event with the output and exit status as they are now, unless already sent."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        term = self.term
+        if term is None:
+            return
+        status = term.exit_status()
+        state = (term.received, None if status is None else (status.exit_code, status.signal))
+        if state == self._sent:
+            return
+        self._sent = state
+        self._last = asyncio.get_running_loop().time()
+        output, cut = _tail(term.output, EVENT_OUTPUT_BYTES)
+        self.sink({"terminal_id": self.terminal_id, "output": output, "truncated": term.truncated or cut,
+                   "exit_status": None if status is None else {"exit_code": status.exit_code,
+                                                               "signal": status.signal}})
+
+    async def watch(self) -> None:
+        """Send the final event once the command has ended and its output is read."""
+        term = self.term
+        if term is None:
+            return
+        await term.proc.wait()
+        await asyncio.wait([term.reader])
+        self.send()
+
+
 class Terminals:
     """The terminals of one session: created after ``check_request``, bounded in number."""
 
-    def __init__(self, sandbox: Sandbox, limits: AgentInputLimits, refusals: RefusalLog) -> None:
+    def __init__(self, sandbox: Sandbox, limits: AgentInputLimits, refusals: RefusalLog,
+                 on_output: OutputSink | None = None) -> None:
         self.sandbox = sandbox
         self.limits = limits
         self.refusals = refusals
+        #: where ``terminal:output`` events go (None: nowhere)
+        self.on_output = on_output
         self.live: dict[str, Terminal] = {}
+        self.feeds: dict[str, OutputFeed] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
         self._starting = 0
 
     def __len__(self) -> int:
@@ -260,7 +349,14 @@ class Terminals:
         finally:
             self._starting -= 1
         terminal_id = f"term-{uuid.uuid4().hex[:12]}"
-        self.live[terminal_id] = Terminal(proc, request.byte_limit)
+        if self.on_output is None:
+            self.live[terminal_id] = Terminal(proc, request.byte_limit)
+            return terminal_id
+        feed = self.feeds[terminal_id] = OutputFeed(terminal_id, self.on_output)
+        feed.term = self.live[terminal_id] = Terminal(proc, request.byte_limit, feed.changed)
+        watcher = asyncio.create_task(feed.watch(), name="acp-terminal-exit")
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
         return terminal_id
 
     def get(self, terminal_id: Any) -> Terminal:
@@ -274,6 +370,9 @@ class Terminals:
         if term is not None:
             term.kill()
             term.reader.cancel()
+        feed = self.feeds.pop(terminal_id, None) if isinstance(terminal_id, str) else None
+        if feed is not None:
+            feed.send()  # (its watcher sends the exit status once the killed command is gone)
 
     def close(self) -> None:
         """Kill every terminal the agent left running."""

@@ -276,8 +276,12 @@ class WorkspaceFS:
     """Serves the agent's ``fs/*`` requests inside ``host_root``; see the module docstring."""
 
     def __init__(self, host_root: Path | str, agent_root: str, limits: AgentInputLimits | None = None,
-                 *, label: str = "", refusals: RefusalLog | None = None, fsync: bool = False) -> None:
+                 *, label: str = "", refusals: RefusalLog | None = None, fsync: bool = False,
+                 refused_writes: dict[str, str] | None = None) -> None:
         self.host_root = os.path.realpath(host_root)
+        #: file name suffix (lower case) → why a write to such a file is refused (checked on the
+        #: name the walk resolved, so a symlink ``x.txt`` → ``nb.ipynb`` is refused too)
+        self.refused_writes = {k.lower(): v for k, v in (refused_writes or {}).items()}
         self.agent_root = agent_root
         self.limits = limits or AgentInputLimits()
         #: the session's rate-limited log of refusals (shared with its terminals), else our own
@@ -488,6 +492,9 @@ class WorkspaceFS:
             pfd, name, st = walk.resolve(parts, create=True)
             if pfd >= 0:
                 os.close(pfd)
+            for suffix, why in self.refused_writes.items():
+                if name.lower().endswith(suffix):
+                    raise Refused(why)
             if st is not None and not stat.S_ISREG(st.st_mode):
                 raise Refused(_kind(st.st_mode))
             self._replace(walk.dir_fd, name, st, data)

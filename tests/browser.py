@@ -115,19 +115,27 @@ class LabServer:
             out.flush()
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                          cwd=self.root, start_new_session=True)
+        began = time.monotonic()
         self._wait(f"{self.url}api/status?token={self.token}")
+        print(f"jupyter lab (start {self.starts}) answered in {time.monotonic() - began:.1f} s")
 
     def stop(self) -> None:
-        """Stop the server as an admin would (SIGTERM: a clean shutdown), and wait for it."""
+        """Stop the server as an admin would (SIGTERM: a clean shutdown), and wait for it.
+
+        The end of its log is printed (pytest shows it only when the test fails)."""
+        print(f"----- the end of {self.log} -----\n{self.tail(8000)}")
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
+        began = time.monotonic()
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
+            print("jupyter lab did not stop within 20 s of SIGTERM: killed")
             proc.kill()
             proc.wait()
+        print(f"jupyter lab stopped in {time.monotonic() - began:.1f} s")
 
     def _wait(self, url: str) -> None:
         assert self.proc is not None
@@ -194,16 +202,70 @@ class Screenshots:
         print(f"screenshot: {path}")
 
 
+class PageTrace:
+    """What the page asked of the server and said on its console, printed when a test fails.
+
+    A browser test that times out shows only the page it gave up on; where its time went (a
+    request the server never answered, one that took a minute, an error in a plugin) is what the
+    next reader of a CI log needs, so it is kept as the page runs."""
+
+    def __init__(self, page: Any) -> None:
+        self.started = time.monotonic()
+        self.pending: dict[Any, float] = {}
+        self.finished: list[tuple[float, float, str]] = []  # (seconds, at, "METHOD url status")
+        self.console: list[str] = []
+        page.on("request", lambda r: self.pending.__setitem__(r, time.monotonic()))
+        page.on("requestfinished", lambda r: self._done(r, "done"))
+        page.on("requestfailed", lambda r: self._done(r, f"failed: {r.failure}"))
+        page.on("console", lambda m: self.console.append(f"{self._at():7.1f}s {m.type}: {m.text[:300]}"))
+
+    def _at(self) -> float:
+        return time.monotonic() - self.started
+
+    @staticmethod
+    def _name(request: Any) -> str:
+        return f"{request.method} {re.sub(r'token=[0-9a-f]+', 'token=…', request.url)}"
+
+    def _done(self, request: Any, how: str) -> None:
+        began = self.pending.pop(request, None)
+        if began is not None:
+            took = time.monotonic() - began
+            self.finished.append((took, began - self.started, f"{self._name(request)} {how}"))
+
+    def report(self) -> str:
+        now = time.monotonic()
+        lines = [f"page trace, {self._at():.1f} s after the browser started:", "requests in flight:"]
+        lines += [f"  {now - began:7.1f}s  (from {began - self.started:.1f}s) {self._name(r)}"
+                  for r, began in sorted(self.pending.items(), key=lambda kv: kv[1])] or ["  none"]
+        lines.append("slowest finished requests:")
+        lines += [f"  {took:7.1f}s  (from {at:.1f}s) {what}"
+                  for took, at, what in sorted(self.finished, reverse=True)[:15]] or ["  none"]
+        lines.append("console (last 30):")
+        lines += [f"  {line}" for line in self.console[-30:]] or ["  none"]
+        return "\n".join(lines)
+
+
 @contextmanager
 def chromium(pw: Any) -> Iterator[tuple[Any, list[str]]]:
-    """A page in a fresh headless Chromium (1400 by 900) and the list of errors thrown in it."""
+    """A page in a fresh headless Chromium (1400 by 900) and the list of errors thrown in it.
+
+    When the test fails inside, the page's trace (``PageTrace``) is printed."""
     browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
     context = browser.new_context(viewport={"width": 1400, "height": 900})
+    # every action (a click waits for its element to be stable) gets the patience of the page waits:
+    # Playwright's 30 s default ran out once on 2 loaded cores, while JupyterLab was still starting
+    context.set_default_timeout(UI_TIMEOUT)
     try:
         page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
-        yield page, errors
+        trace = PageTrace(page)
+        try:
+            yield page, errors
+        except BaseException:
+            print(trace.report())
+            print("errors thrown in the page:", errors or "none")
+            raise
     finally:
         context.close()
         browser.close()
@@ -217,9 +279,28 @@ def open_panel(page: Any, server: dict[str, str] | None = None, timeout: int = U
         page.goto(f"{server['url']}lab?token={server['token']}")
     tab = page.locator('.jp-SideBar [data-id="jupyter-acp-panel"]')
     expect(tab).to_be_visible(timeout=timeout)
+    # the splash screen covers the page until JupyterLab has restored its layout (which may
+    # switch the sidebar's current tab itself): only then is the tab's state worth reading
+    expect(page.locator("#jupyterlab-splash")).to_have_count(0, timeout=timeout)
     # a click on the current tab would collapse the sidebar
     if "lm-mod-current" not in (tab.get_attribute("class") or ""):
         tab.click()
     panel = page.locator("#jupyter-acp-panel")
     expect(panel).to_be_visible()
     return panel
+
+
+def kernel_ready(server: LabServer, path: str, timeout: float = 90) -> None:
+    """Wait until JupyterLab has an idle kernel for the notebook ``path`` (before a cell runs in
+    it, or an agent's ``run_cell``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        req = urllib.request.Request(f"{server.url}api/sessions",
+                                     headers={"Authorization": f"token {server.token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            sessions = json.loads(r.read())
+        if any(s.get("path") == path and (s.get("kernel") or {}).get("execution_state") == "idle"
+               for s in sessions):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no idle kernel for {path}:\n{server.tail()}")

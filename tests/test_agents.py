@@ -142,4 +142,5 @@ def test_claude_is_kept_off_the_network_but_for_its_endpoint():
         assert spec.env[name] == "1"
     assert spec.env["CLAUDE_CODE_ENABLE_PROMPT_SUGGESTION"] == "false"  # one hidden LLM call less
     settings = spec.for_policy("deny").settings_files[".claude/settings.json"]
-    assert settings["permissions"] == {"defaultMode": "plan"}
+    assert settings["permissions"]["defaultMode"] == "plan"
+    assert settings["permissions"]["allow"] == ["mcp__jupyter"]  # (the notebook tools ask themselves)

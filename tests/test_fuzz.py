@@ -48,7 +48,7 @@ FUZZ = settings(deadline=None, database=None, print_blob=True,
                                        HealthCheck.data_too_large])
 #: The event types of docs/api.md (frames with a ``seq``).
 EVENT_TYPES = {"state", "chat:message", "session/update", "permission:request", "permission:resolved",
-               "chat:response", "error", "cancel"}
+               "chat:response", "error", "cancel", "notebook:edit", "terminal:output"}
 
 
 class Server:

@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nbformat
 import pytest
@@ -32,7 +32,12 @@ from jupyter_acp.kernel.api import (
     ServerInfo,
     SessionGone,
     find_server,
+    notebook_edit_text,
+    notebook_tool_title,
+    outputs_text,
+    permission_view,
 )
+from jupyter_acp.kernel.magics import TurnRenderer
 from jupyter_acp.kernel.widget import ChatPanel
 
 pytestmark = pytest.mark.timeout(180)
@@ -184,12 +189,13 @@ def test_close_resume_recall_commands_model_and_files(shell: Any, server: dict, 
     assert "Demo agent got file notes.txt (20 bytes)" in rich
     # the chat panel shows them under the user's message too
     panel = ChatPanel(session_id=sid, api=api)
-    sent: list[dict] = []
-    panel.send = sent.append
     panel.send_prompt("And @notes.txt again", wait=True)
-    assert panel.transcript[-2]["attachments"] == ["📎 notes.txt (20 bytes)"]
-    assert {"type": "attachments", "lines": ["📎 notes.txt (20 bytes)"]} in sent
-    assert "Demo agent got file notes.txt (20 bytes)" in panel.transcript[-1]["text"]
+    messages = panel.transcript.messages()
+    user = next(m for m in reversed(messages) if m["role"] == "user")
+    assert user["text"] == "And @notes.txt again" and user["attachments"] == ["📎 notes.txt (20 bytes)"]
+    user_item = next(i for i in reversed(panel.transcript.items) if i.kind == "user")
+    assert markdown_of(panel, user_item.key) == "> And @notes.txt again\n\n📎 notes.txt (20 bytes)"
+    assert "Demo agent got file notes.txt (20 bytes)" in messages[-1]["text"]
     # a mention of a missing file stays text
     out, rich = acp(shell, "", "What about @missing.txt")
     assert out == "" and "📎" not in rich and "heard 3 words: What about @missing.txt" in rich
@@ -256,7 +262,9 @@ def test_a_suspended_session_in_use_is_resumed_by_the_next_cell(shell: Any, serv
     api.close(sid)
     panel = ChatPanel(session_id=sid, api=api)
     assert panel.status == "ready" and api.session(sid)["state"] == "ready"
-    panel.send = lambda message: None
+    # (opened on a session with a history: the panel shows it)
+    assert [i.kind for i in panel.transcript.items][:3] == ["user", "agent", "turn"]
+    assert len(panel.log_box.children) == len(panel.transcript.items)
     api.close(sid)
     panel.send_prompt("/recall", wait=True)
     assert panel.transcript[-1]["text"].startswith("Demo agent remembers: remember this"), panel.transcript
@@ -274,6 +282,22 @@ def test_quota_exceeded_is_one_line(shell: Any, tmp_path: Path, monkeypatch: pyt
                 break
         shell.magics_manager.registry["AcpMagics"]._api = None
     assert out.startswith("acp: Daily token quota used up") and out.count("\n") == 1
+
+
+def test_a_command_s_terminal_output_shows_in_its_card(shell: Any, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``terminal:output`` events (the whole output so far, then the exit status) go into the
+    card of the tool call that runs the terminal, even when they come before the call."""
+    with server_for_kernels(tmp_path, "--UserSessionManager.allow_unsandboxed_terminals=True") as srv:
+        monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(srv["runtime"]))
+        shell.magics_manager.registry["AcpMagics"]._api = None
+        try:
+            acp(shell, "start --agent demo --new")
+            out, rich = acp(shell, "--permissions allow", "/shell echo hello-terminal; exit 3")
+        finally:
+            shell.magics_manager.registry["AcpMagics"]._api = None
+    assert "🔧 <code>Run echo hello-terminal; exit 3</code> — ✗ failed</summary>" in rich, out + rich
+    assert "```\nhello-terminal\n```\n\n*exit code 3*" in rich
 
 
 def test_no_server_found_is_one_line(shell: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -390,37 +414,72 @@ def test_a_session_that_ends_is_said_once_and_not_retried(shell: Any, server: di
     assert rich.count("**Error:** The session was stopped during the turn") == 1, rich
 
 
+def markdown_of(panel: ChatPanel, key: str) -> str:
+    """The Markdown the panel's Output widget of item ``key`` holds (what the front end renders)."""
+    (output,) = panel._outputs[key].outputs
+    data = output["data"]
+    assert output["output_type"] == "display_data" and data["text/plain"] == data["text/markdown"]
+    return output["data"]["text/markdown"]
+
+
 def test_chat_panel_streams_and_answers_a_permission(server: dict) -> None:
     api = AcpApi(ServerInfo(server["url"], TOKEN))
     panel = ChatPanel(agent="demo", api=api)
-    sent: list[dict] = []
-    panel.send = sent.append  # what would go to the front end
     assert panel.status == "ready" and panel.session_id
-    panel._on_front_end(panel, {"type": "send", "text": "hello panel"}, [])
+    assert [type(c).__name__ for c in panel.children] == ["VBox", "ChatControls"]
+    panel._on_front_end(panel.controls, {"type": "send", "text": "hello panel"}, [])
+    assert panel._thread is not None
     panel._thread.join(30)
-    assert panel.transcript[-1] == {"role": "agent", "text": "Demo agent (no LLM) heard 2 words: hello panel"}
-    deltas = [m["text"] for m in sent if m["type"] == "delta"]
-    assert len(deltas) > 3 and "".join(deltas) == panel.transcript[-1]["text"]  # only new text is sent
+    reply = "Demo agent (no LLM) heard 2 words: hello panel"
+    assert panel.transcript.messages()[-1] == {"role": "agent", "text": reply}
+    # one Output per item, in the transcript's order, each holding that item's Markdown
+    items = panel.transcript.items
+    assert [i.kind for i in items][-3:] == ["user", "agent", "turn"]
+    assert list(panel.log_box.children) == [panel._outputs[i.key] for i in items]
+    agent = next(i for i in reversed(items) if i.kind == "agent")
+    assert markdown_of(panel, agent.key) == "Demo agent (no LLM) heard 2 words: hello panel"
+    assert markdown_of(panel, items[-1].key).startswith("*end_turn · tokens: ")
     assert panel.tokens == api.session(panel.session_id)["tokens"]["total_tokens"] > 0
     assert panel.status == "ready"
+    # the next turn touches none of the earlier items' outputs
+    touched: list[str] = []
+    for item in items:
+        panel._outputs[item.key].observe(lambda change, key=item.key: touched.append(key), "outputs")
     # a permission request shows as pending; the front end's click answers it
-    panel._on_front_end(panel, {"type": "send", "text": "/write panel.txt from the panel"}, [])
+    panel._on_front_end(panel.controls, {"type": "send", "text": "/write panel.txt from the panel"}, [])
     deadline = time.time() + 20
     while not panel.pending and time.time() < deadline:
         time.sleep(0.05)
     request = panel.pending[0]
+    assert panel.controls.pending == panel.pending  # (synced to the controls' front end)
     allow = next(o["optionId"] for o in request["options"] if o["kind"] == "allow_once")
     click = {"type": "permission", "request_id": request["request_id"], "option_id": allow}
-    panel._on_front_end(panel, click, [])
+    panel._on_front_end(panel.controls, click, [])
     panel._thread.join(30)
     assert (server["root"] / "panel.txt").read_text() == "from the panel\n"
-    card = next(m for m in panel.transcript if m["role"] == "tool")
+    assert touched == []
+    card = next(m for m in panel.transcript.messages() if m["role"] == "tool")
     assert card["status"] == "completed" and card["diffs"][0]["newText"] == "from the panel\n"
-    assert panel.pending == [] and any(m["type"] == "tool" for m in sent)
-    # a re-rendered view gets the transcript once
-    panel._on_front_end(panel, {"type": "hello"}, [])
-    assert sent[-1] == {"type": "snapshot", "messages": panel.transcript}
+    assert len(card["diffs"]) == 1  # (an update replaces the card's content: no pile of copies)
+    tool = next(i for i in panel.transcript.items if i.kind == "tool")
+    md = markdown_of(panel, tool.key)
+    assert md.startswith("<details><summary>🔧 <code>") and "```diff\n" in md and "+from the panel" in md
+    permission = next(i for i in panel.transcript.items if i.kind == "permission")
+    assert markdown_of(panel, permission.key).endswith("*→ Allow*")
+    assert panel.pending == []
     api.stop(panel.session_id)
+
+
+def test_chat_panel_streams_a_long_reply_whole(server: dict) -> None:
+    """A reply of 1,000 chunks: held back while it streams (at most ten redraws a second), its
+    Output holds all of it at the turn's end."""
+    api = AcpApi(ServerInfo(server["url"], TOKEN))
+    panel = ChatPanel(agent="demo", api=api)
+    panel.send_prompt("/stream 1000", wait=True)
+    agent = next(i for i in reversed(panel.transcript.items) if i.kind == "agent")
+    assert markdown_of(panel, agent.key) == "".join(f"c{i} " for i in range(1000))
+    assert panel.status == "ready" and panel._timer is None
+    api.delete(panel.session_id)
 
 
 def test_chat_panel_reports_errors(server: dict) -> None:
@@ -432,19 +491,19 @@ def test_chat_panel_reports_errors(server: dict) -> None:
 
 
 def test_the_esm_is_valid_javascript(tmp_path: Path) -> None:
+    """The controls' front end loads, and draws nothing as HTML (the Markdown is the front
+    end's to render, in the Output widgets)."""
     node = shutil.which("node")
     assert node, "node is needed to check the widget's JavaScript"
     module = tmp_path / "chat_panel.mjs"
     module.write_text(ESM.read_text())
     script = (f"import('{module.as_uri()}').then(m => {{"
               "if (typeof m.default.render !== 'function') throw new Error('no render');"
-              "const html = m.renderMarkdown('**a** <b> `c`\\n\\n```py\\nx<1\\n```');"
-              "console.log(JSON.stringify(html)); })")
+              "console.log(JSON.stringify(Object.keys(m))); })")
     result = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    html = json.loads(result.stdout)
-    assert "<strong>a</strong>" in html and "&lt;b&gt;" in html and "<code>c</code>" in html
-    assert "<pre><code>x&lt;1\n</code></pre>" in html
+    assert json.loads(result.stdout) == ["default"]
+    assert "innerHTML" not in ESM.read_text() and "renderMarkdown" not in ESM.read_text()
 
 
 def test_a_kernel_interrupt_cancels_the_turn(server: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -516,3 +575,187 @@ def test_close_resume_and_a_mention_in_a_real_kernel(server: dict, monkeypatch: 
     assert "Demo agent got file kernel-notes.txt (21 bytes)" in outputs[6]
     assert "acp: Unknown model 'nope'" in outputs[7] and "Traceback" not in "".join(outputs)
     assert "acp: deleted session" in outputs[8] and "acp: no sessions" in outputs[8]
+
+
+# -- the agent's notebook tools, as the magics and the panel show them -------------------------
+
+def _record(**overrides: Any) -> dict[str, Any]:
+    return {"edit_id": "e1a2b3c4d5e6", "tool": "insert_cell", "path": "nb.ipynb", "cell_id": "3f2a1b2c-99",
+            "cell_type": "code", "live": True, "index": 0, "before": None, "after": "1+1", "outputs": None,
+            "execution_count": None, "status": None, "undoes": None, "undoable": True, **overrides}
+
+
+def test_notebook_edits_read_as_one_line_and_a_block() -> None:
+    inserted = "✎ inserted code cell 3f2a1b2c into nb.ipynb at 0 (edit e1a2b3c4)"
+    assert notebook_edit_text(_record()) == (inserted, "1+1")
+    line, diff = notebook_edit_text(_record(tool="replace_cell", before="x = 1\ny = 2", after="x = 1\ny = 3"))
+    assert line.startswith("✎ edited code cell 3f2a1b2c of nb.ipynb") and diff == " x = 1\n-y = 2\n+y = 3"
+    assert notebook_edit_text(_record(tool="move_cell", index=2, after=None, undoable=True))[0].startswith(
+        "✎ moved code cell 3f2a1b2c of nb.ipynb to 2")
+    run = _record(tool="run_cell", before="print(6 * 7)", after="print(6 * 7)", status="ok",
+                  execution_count=3, undoable=False,
+                  outputs=[{"type": "stream", "name": "stdout", "text": "42\n"},
+                           {"type": "display_data", "mime": ["image/png"], "text": ""},
+                           {"type": "error", "ename": "ValueError", "evalue": "bad"}])
+    assert notebook_edit_text(run) == ("▶ ran code cell 3f2a1b2c of nb.ipynb [3] ok",
+                                       "print(6 * 7)\n→ 42\n[image/png]\nValueError: bad")
+    undo = _record(edit_id="u9", tool="undo", undoes="e1a2b3c4d5e6", before="1+1", after=None, undoable=False)
+    assert notebook_edit_text(undo) == ("↶ undid edit e1a2b3c4 of nb.ipynb", "-1+1")
+    assert outputs_text([{"output_type": "execute_result", "data": {"text/plain": ["2"]}}]) == "2"
+
+
+def test_a_notebook_permission_shows_its_code_and_a_readable_title() -> None:
+    run = {"toolCallId": "nb-run-1", "title": "Run a cell of nb.ipynb in your kernel", "kind": "execute",
+           "rawInput": {"code": "print(1)", "path": "nb.ipynb"},
+           "_meta": {"jupyterAcp": {"notebookRun": True}}}
+    assert permission_view(run) == ("Run a cell of nb.ipynb in your kernel", "print(1)")
+    args = {"path": "nb.ipynb", "index": 0, "cell_type": "code", "source": "1+1"}
+    qwen = {"toolCallId": "c", "title": json.dumps(args), "rawInput": args,
+            "_meta": {"toolName": "mcp__jupyter__insert_cell"}}
+    assert permission_view(qwen) == ("Insert a code cell into nb.ipynb", "1+1")
+    assert permission_view({"title": "Write x", "rawInput": {"code": "no"}}) == ("Write x", None)
+    assert notebook_tool_title("delete_cell", None) == "Delete a cell of a notebook"
+
+
+def test_a_turn_lists_notebook_edits_with_their_change() -> None:
+    InteractiveShell.instance()  # (display() needs a shell)
+    frames: list[dict[str, Any]] = []
+
+    def frame(kind: str, data: dict[str, Any]) -> None:
+        frames.append({"type": kind, "seq": len(frames) + 1, "data": data})
+
+    meta = {"toolName": "mcp__jupyter__insert_cell"}
+    frame("chat:message", {"turn": 1, "text": "add a cell"})
+    frame("session/update", {"sessionUpdate": "tool_call", "toolCallId": "c1",
+                             "title": "insert_cell (jupyter MCP Server)", "rawInput": {}, "_meta": meta})
+    frame("session/update", {"sessionUpdate": "tool_call_update", "toolCallId": "c1",
+                             "rawInput": {"path": "nb.ipynb"}})
+    frame("notebook:edit", _record(after="print('```')"))
+    frame("session/update", {"sessionUpdate": "tool_call_update", "toolCallId": "c1",
+                             "title": "insert_cell (jupyter MCP Server)", "status": "completed"})
+    for n in range(5):
+        frame("session/update", {"sessionUpdate": "agent_message_chunk",
+                                 "content": {"type": "text", "text": f"{n} "}})
+    with capture_output() as cap:
+        renderer = TurnRenderer(min_interval=60)
+        for f in frames:
+            renderer.on_event(f)
+        streamed = [o.data["text/markdown"] for o in cap.outputs]
+        renderer.refresh(force=True)
+    text = renderer.markdown()
+    assert "🔧 <code>Insert a cell into nb.ipynb</code> — ✓ completed" in text
+    line = "✎ inserted code cell 3f2a1b2c into nb.ipynb at 0 (edit e1a2b3c4)"
+    assert f"{line}\n\n````\nprint('```')\n````" in text and text.endswith("0 1 2 3 4 ")
+    # one display per item (the first takes the "…" shown at once); the agent's text was held
+    # back while it streamed (drawn once, at its start) and drawn whole at the end
+    assert streamed[0] == "*…*" and streamed[-1] == "0 " and "0 1 " not in streamed
+    assert cap.outputs[-1].data["text/markdown"] == "0 1 2 3 4 " and cap.outputs[-1].update
+    assert len(renderer.handles) == 3  # (tool, edit, agent; the user's message has no attachment)
+
+
+def test_the_chat_panel_shows_notebook_edits_and_a_run_s_code() -> None:
+    class Api:  # (only what the panel's constructor asks: no server needed for what it shows)
+        def start(self, agent: str | None) -> dict[str, Any]:
+            return {"id": "s1", "agent_display_name": "Demo", "tokens": {"total_tokens": 0}, "state": "ready"}
+
+        def history(self, session_id: str) -> dict[str, Any]:
+            return {"events": [], "last_seq": 0}
+
+    panel = ChatPanel(agent="demo", api=cast(AcpApi, Api()))
+    panel._event({"type": "notebook:edit", "seq": 1, "data": _record()})
+    (item,) = panel.transcript.items
+    assert markdown_of(panel, item.key) == ("✎ inserted code cell 3f2a1b2c into nb.ipynb at 0 (edit e1a2b3c4)"
+                                            "\n\n```\n1+1\n```")
+    line = "✎ inserted code cell 3f2a1b2c into nb.ipynb at 0 (edit e1a2b3c4)"
+    assert panel.controls.edits == [{"edit_id": "e1a2b3c4d5e6", "line": line}]
+    request = {"request_id": "r1", "options": [], "tool_call": {
+        "title": "Run a cell of nb.ipynb in your kernel", "rawInput": {"code": "2*21"},
+        "_meta": {"jupyterAcp": {"notebookRun": True}}}}
+    panel._event({"type": "permission:request", "seq": 2, "data": request})
+    assert panel.pending == [{"request_id": "r1", "title": "Run a cell of nb.ipynb in your kernel",
+                              "options": [], "code": "2*21"}]
+    assert markdown_of(panel, "perm:r1").endswith("```python\n2*21\n```")
+
+
+def test_acp_cell_shows_the_agent_s_notebook_edit_and_undoes_it(shell: Any, server: dict) -> None:
+    path = server["root"] / "magic.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Notes")]), path)
+    args = {"path": "magic.ipynb", "index": 1, "cell_type": "code", "source": "x = 6 * 7"}
+    out, rich = acp(shell, "--permissions allow", f"/nb insert_cell {json.dumps(args)}")
+    assert "🔧 <code>Insert a code cell into magic.ipynb</code> — ✓ completed" in rich, out + rich
+    cells = nbformat.read(path, as_version=4).cells
+    assert [c.source for c in cells] == ["# Notes", "x = 6 * 7"]
+    line = next(x for x in rich.splitlines() if x.startswith("✎ inserted"))
+    assert line.startswith(f"✎ inserted code cell {cells[1].id[:8]} into magic.ipynb at 1 (edit ")
+    assert "\n\n```\nx = 6 * 7\n```" in rich
+    # the id as the output shows it (its start) is enough to take the edit back
+    edit = line.rsplit("(edit ", 1)[1].rstrip(")")
+    out, rich = acp(shell, f"undo {edit}")
+    assert rich.startswith(f"↶ undid edit {edit} of magic.ipynb"), out + rich
+    assert [c.source for c in nbformat.read(path, as_version=4).cells] == ["# Notes"]
+    out, _ = acp(shell, f"undo {edit}")  # (once is all: the server says why not again)
+    assert out.startswith("acp: ") and len(out.strip().splitlines()) == 1, out
+
+
+def test_the_chat_panel_undoes_an_edit_of_the_agent_s(server: dict) -> None:
+    """The agent's notebook edit shows on its tool card, with an Undo button in the controls;
+    a click takes the edit back, and the card says so."""
+    path = server["root"] / "panel.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Notes")]), path)
+    api = AcpApi(ServerInfo(server["url"], TOKEN))
+    panel = ChatPanel(agent="demo", api=api)
+    args = {"path": "panel.ipynb", "index": 1, "cell_type": "code", "source": "y = 1"}
+    panel.send_prompt(f"/nb insert_cell {json.dumps(args)}")
+    assert panel._thread is not None
+    deadline = time.time() + 30
+    while panel._thread.is_alive() and time.time() < deadline:  # (a permission asked: allowed)
+        for request in panel.pending:
+            panel.answer(request["request_id"], next(o["optionId"] for o in request["options"]
+                                                     if o["kind"] == "allow_once"))
+        time.sleep(0.05)
+    panel._thread.join(30)
+    assert [c.source for c in nbformat.read(path, as_version=4).cells] == ["# Notes", "y = 1"]
+    (edit,) = panel.controls.edits
+    assert edit["line"].startswith("✎ inserted code cell ") and "panel.ipynb at 1" in edit["line"]
+    card = next(i for i in panel.transcript.items if i.kind == "tool" and i.data["edits"])
+    panel._on_front_end(panel.controls, {"type": "undo", "edit_id": edit["edit_id"]}, [])
+    assert [c.source for c in nbformat.read(path, as_version=4).cells] == ["# Notes"]
+    assert panel.controls.edits == [] and panel.error == ""
+    assert f"(edit {edit['edit_id'][:8]}) — undone" in markdown_of(panel, card.key)
+    api.delete(panel.session_id)
+
+
+#: A prompt of the demo agent's ``/echo``: its reply is this Markdown table, verbatim.
+TABLE_PROMPT = "/echo\n| a | b |\n|---|---|\n| 1 | 2 |"
+
+
+def test_the_chat_panel_s_markdown_is_in_the_saved_widget_state(server: dict,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notebook with a ChatPanel, executed by nbclient with ``store_widget_state``: the reply's
+    table is saved in the notebook as an Output widget's ``text/markdown`` output (what any front
+    end renders with its own Markdown renderer, without a kernel)."""
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(server["runtime"]))
+    source = ("from jupyter_acp.kernel.widget import ChatPanel\n"
+              "panel = ChatPanel(agent='demo')\n"
+              f"panel.send_prompt({TABLE_PROMPT!r}, wait=True)\n"
+              "panel")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    client = NotebookClient(nb, kernel_name="python3", timeout=60, store_widget_state=True,
+                            resources={"metadata": {"path": str(server["root"])}})
+    api = AcpApi(ServerInfo(server["url"], TOKEN))
+    try:
+        client.execute()
+    finally:
+        for session in api.sessions():
+            api.delete(session["id"])
+    outputs = nb.cells[0].outputs
+    assert not [o for o in outputs if o.output_type == "error"], outputs
+    views = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(views) == 1
+    state = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
+    panel = state[views[0].data["application/vnd.jupyter.widget-view+json"]["model_id"]]
+    assert panel["model_name"] == "VBoxModel"
+    markdown = [o["data"]["text/markdown"] for model in state.values() if model["model_name"] == "OutputModel"
+                for o in model["state"].get("outputs", [])]
+    assert "| a | b |\n|---|---|\n| 1 | 2 |" in markdown, markdown
+    assert any(m.startswith("*end_turn · tokens: ") for m in markdown)

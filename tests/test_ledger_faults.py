@@ -48,6 +48,8 @@ pytestmark = pytest.mark.timeout(120)
 _HOLDER = """
 import sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+print("ready", flush=True)
+sys.stdin.readline()
 conn.execute("BEGIN EXCLUSIVE")
 print("locked", flush=True)
 sys.stdin.readline()
@@ -57,16 +59,26 @@ print("released", flush=True)
 
 
 class LockHolder:
-    """Another process that holds the SQLite database's write lock until ``release``."""
+    """Another process that holds the SQLite database's write lock until ``release``.
+    ``lock=False``: started, the lock taken only by ``lock()`` (a pipe round trip, not a
+    process start: what a test needs to lock the database *during* a short turn)."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, lock: bool = True) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(db)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self.proc.stdout is not None and self.proc.stdout.readline() == b"locked\n"
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == b"ready\n"
+        if lock:
+            self.lock()
+
+    def lock(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(b"\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline() == b"locked\n"
 
     @classmethod
-    async def take(cls, db: Path) -> LockHolder:
-        return await asyncio.to_thread(cls, db)
+    async def take(cls, db: Path, lock: bool = True) -> LockHolder:
+        return await asyncio.to_thread(cls, db, lock)
 
     def release(self) -> None:
         if self.proc.poll() is None:
@@ -235,8 +247,11 @@ async def test_a_locked_database_ends_the_turn_with_an_error_and_loses_nothing(a
     session.subscribe(events.append)
 
     first = await session.prompt("one two three")
-    turn = await sleeping_turn(session, events, 0.3)
-    holder = await LockHolder.take(db)  # mid-turn
+    # (the holder's process starts before the turn: a process start on a loaded machine can
+    # outlast the agent's sleep, and the turn would end before the database is locked)
+    holder = await LockHolder.take(db, lock=False)
+    turn = await sleeping_turn(session, events, 1.0)
+    await asyncio.to_thread(holder.lock)  # mid-turn
     try:
         second = await turn
         third = await session.prompt("four five")  # the next turn works (still locked)

@@ -26,8 +26,9 @@ from jupyter_acp.errors import (
     PathOutsideWorkspace,
     SessionBusy,
     SessionNotFound,
+    SessionNotReady,
 )
-from jupyter_acp.session import SessionState
+from jupyter_acp.session import AgentSession, SessionState
 from jupyter_acp.usage import LedgerUnavailable
 
 
@@ -250,16 +251,35 @@ async def test_a_resume_raced_by_another_resume_and_a_delete(acp_managers, tmp_p
     assert not (tmp_path / "homes" / session.id).exists()
 
 
+def hold_stop(session: AgentSession) -> tuple[asyncio.Event, list[str]]:
+    """Hold ``session``'s agent stop until the returned event is set, so that a test acts while
+    the agent is still stopping however fast this machine stops one (a demo agent can stop
+    between two polls of ``wait_for``); the list gets the reason of every stop asked meanwhile."""
+    release = asyncio.Event()
+    asked: list[str] = []
+    stop = session.stop
+
+    async def held(reason: str) -> None:
+        asked.append(reason)
+        await release.wait()
+        await stop(reason)
+
+    session.stop = held  # type: ignore[method-assign]
+    return release, asked
+
+
 async def test_a_session_being_stopped_is_not_resumed_twice(acp_managers):
     """A resume while the session's agent is still stopping (a close, a cull) is refused: two
     agents never share a session's home, and the store keeps tracking the right one."""
     manager = acp_managers()
     session = await manager.create_user_session("alice", "demo")
     await manager.send_message("alice", session.id, "hello")
+    release, _ = hold_stop(session)
     closing = asyncio.ensure_future(manager.close_user_session("alice", session.id))
     await wait_for(lambda: session.id in manager._stopping)
     with pytest.raises(SessionBusy, match="being stopped"):
         await manager.resume_user_session("alice", session.id)
+    release.set()
     await closing
     resumed = await manager.resume_user_session("alice", session.id)
     assert resumed is not session and manager.store._tracked[session.id].session is resumed
@@ -316,12 +336,31 @@ async def test_a_delete_while_the_session_is_being_culled_forgets_it(acp_manager
     session = await manager.create_user_session("alice", "demo")
     await manager.send_message("alice", session.id, "hello")
     session.last_activity -= 3600
+    release, asked = hold_stop(session)
     culling = asyncio.ensure_future(manager.cleanup(max_age=60))
     await wait_for(lambda: session.id in manager._stopping)
-    await manager.delete_user_session("alice", session.id)  # (not a 409: deleting always works)
+    deleting = asyncio.ensure_future(manager.delete_user_session("alice", session.id))
+    await wait_for(lambda: len(asked) == 2)  # (the delete waits for the cull's stop under way)
+    assert asked[1] == "deleted by the user"
+    release.set()
+    await deleting  # (not a 409: deleting always works)
     await culling
     await manager.store.flush()
     await asyncio.sleep(0.2)  # (the cull's suspension, in the background, must not bring it back)
     assert await manager.suspended_sessions("alice") == [] and not (tmp_path / "homes" / session.id).exists()
     with pytest.raises(SessionNotFound):
         await manager.resume_user_session("alice", session.id)
+
+
+async def test_no_prompt_reaches_the_agent_after_its_session_close(acp_managers):
+    """Once the agent is told ``session/close`` (a close or a delete under way: the stop comes
+    next), a prompt is refused (409), never sent to an agent that no longer knows the session
+    (it answered 502 "Invalid params" in a lifecycle storm, a prompt between the two steps)."""
+    manager = acp_managers()
+    session = await manager.create_user_session("alice", "demo")
+    assert await session.close_at_agent() is True  # (the first step of a close, alone)
+    with pytest.raises(SessionNotReady):
+        await session.prompt("hello")
+    await manager.close_user_session("alice", session.id)  # (the rest of it)
+    [stored] = await manager.suspended_sessions("alice")
+    assert stored.id == session.id

@@ -8,9 +8,16 @@ client's ``fs/write_text_file``, permission requests, terminals, plans, usage re
 Commands (the first word of the prompt):
 
 ==================  ==============================================================
-``/write NAME TXT``  ask permission (unless in ``yolo`` mode), then write TXT to NAME
+``/write NAME TXT``  ask permission (unless in ``yolo`` mode), then write TXT to NAME (the
+                     tool call's diff carries the old text when NAME existed)
+``/edit NAME 3=X``   read NAME, replace its (1-based) line 3 with X (several ``N=TEXT``
+                     allowed), then write it back as ``/write`` does: a diff with old text
 ``/read NAME``       read NAME through ``fs/read_text_file`` and reply with it
-``/shell LINE``       run LINE with /bin/sh -c in a client terminal, reply with output
+``/shell LINE``       run LINE with /bin/sh -c in a client terminal (a tool call whose content
+                     is that terminal), reply with output
+``/echo`` + newline  stream the text after the first newline verbatim, 8 characters a chunk
+``/fill N``          one turn of N items: Markdown messages alternating with completed edit
+                     tool calls (builds long conversations for benchmarks without round trips)
 ``/plan``            send a three-step plan
 ``/stream N``        stream N chunks as fast as possible (benchmarks)
 ``/sleep S``         stream one chunk, then wait S seconds (cancellable)
@@ -18,6 +25,8 @@ Commands (the first word of the prompt):
 ``/oom``             allocate memory until the sandbox kills the process
 ``/fail``            answer the prompt with a JSON-RPC error
 ``/recall``          reply "Demo agent remembers: ..." with the session's earlier prompts
+``/nb TOOL JSON``    call TOOL of the ``jupyter`` MCP server of ``session/new`` (after a
+                     permission request unless in ``yolo`` mode), reply with its result
 (config option)      ``style``: ``plain`` or ``shout`` (replies in upper case)
 (config option)      ``model`` (category ``model``): ``demo-small`` or ``demo-large``; a
                      plain reply of ``demo-large`` starts with ``[demo-large]``
@@ -29,7 +38,8 @@ The commands are announced with ``available_commands_update`` after ``session/ne
 acknowledged first: "Demo agent got file NAME (N bytes)", "Demo agent got image TYPE (N bytes)".
 Sessions are kept in the agent's home (``~/.jupyter-acp-demo``), so a new process continues
 one with ``session/load`` (replayed) or ``session/resume`` (not replayed); ``session/close``
-forgets it in memory only.
+forgets it in memory only. ``--no-modes`` starts a demo whose sessions have no modes (some real
+agents have none).
 
 Tokens: input = words in the prompt, output = words in the reply. ``PromptResponse.usage`` is
 cumulative per session (like the ACP draft and claude-agent-acp); ``usage_update`` carries the
@@ -53,6 +63,8 @@ from acp import helpers, schema
 from acp.exceptions import RequestError
 from acp.interfaces import Agent
 
+from . import demo_mcp
+
 CONTEXT_SIZE = 100_000
 USD_PER_TOKEN = 0.000002
 MODES = [("default", "Ask before writing"), ("yolo", "Write without asking")]
@@ -65,7 +77,8 @@ COMMANDS = [("recall", "Repeat the earlier prompts of this session", None),
             ("write", "Write a file (asks permission)", "NAME TEXT"),
             ("read", "Read a file", "NAME"),
             ("shell", "Run a command in a terminal", "COMMAND LINE"),
-            ("plan", "Send a three-step plan", None)]
+            ("plan", "Send a three-step plan", None),
+            ("nb", "Call a tool of the jupyter MCP server (the notebook tools)", "TOOL JSON")]
 
 
 def _describe_block(block: Any) -> str:
@@ -91,15 +104,19 @@ def count_tokens(text: str) -> int:
 class DemoAgent:
     """Implements the ``acp.Agent`` protocol (only what the demo needs)."""
 
-    def __init__(self, restore: str = "all") -> None:
+    def __init__(self, restore: str = "all", modes: bool = True) -> None:
         #: which ways to restore a session the demo advertises: ``all`` (resume and load),
         #: ``load`` (no resume), ``none`` (tests of the clients' fallbacks: ``--restore=``)
         self.restore = restore
+        #: whether sessions have modes (``--no-modes``: an agent without, as some real ones are)
+        self.with_modes = modes
         self.conn: Any = None
         self.sessions: dict[str, dict[str, Any]] = {}
         self.cancelled: dict[str, asyncio.Event] = {}
         self.state_dir = Path(os.environ.get("HOME") or ".") / ".jupyter-acp-demo"
         self.client_has_terminal = False
+        #: the current prompt's whole text per session (``/echo`` needs its newlines)
+        self.prompt_text: dict[str, str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def on_connect(self, conn: Any) -> None:
@@ -121,7 +138,9 @@ class DemoAgent:
                                              version="1"),
         )
 
-    def _modes(self, current: str) -> schema.SessionModeState:
+    def _modes(self, current: str) -> schema.SessionModeState | None:
+        if not self.with_modes:
+            return None
         return schema.SessionModeState(
             current_mode_id=current,
             available_modes=[schema.SessionMode(id=i, name=n) for i, n in MODES],
@@ -157,7 +176,7 @@ class DemoAgent:
                           **kwargs: Any) -> schema.NewSessionResponse:
         sid = f"demo-{uuid.uuid4().hex[:12]}"
         self.sessions[sid] = {"cwd": cwd, "mode": "default", "style": "plain", "model": MODELS[0][0],
-                              "history": [], "usage": [0, 0]}
+                              "history": [], "usage": [0, 0], "mcp": demo_mcp.stdio_entry(mcp_servers)}
         self._save(sid)
         self._later(self._announce_commands(sid))
         return schema.NewSessionResponse(session_id=sid, modes=self._modes("default"),
@@ -175,6 +194,7 @@ class DemoAgent:
     async def load_session(self, cwd: str, session_id: str, mcp_servers=None, additional_directories=None,
                            **kwargs: Any):
         state = self._restore(session_id, cwd)
+        state["mcp"] = demo_mcp.stdio_entry(mcp_servers)  # (a new route each start: never the saved one)
         for role, text in state["history"]:
             update = (helpers.update_user_message_text(text) if role == "user"
                       else helpers.update_agent_message_text(text))
@@ -186,6 +206,7 @@ class DemoAgent:
     async def resume_session(self, session_id: str, cwd: str, additional_directories: Any = None,
                              mcp_servers: Any = None, **kwargs: Any) -> schema.ResumeSessionResponse:
         state = self._restore(session_id, cwd)  # (no replay: that is what resume is for)
+        state["mcp"] = demo_mcp.stdio_entry(mcp_servers)
         self._later(self._announce_commands(session_id))
         return schema.ResumeSessionResponse(modes=self._modes(state["mode"]),
                                             config_options=self._config(state))
@@ -208,7 +229,8 @@ class DemoAgent:
     def _save(self, sid: str) -> None:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            (self.state_dir / f"{sid}.json").write_text(json.dumps(self.sessions[sid]))
+            saved = {k: v for k, v in self.sessions[sid].items() if k != "mcp"}  # (no route token on disk)
+            (self.state_dir / f"{sid}.json").write_text(json.dumps(saved))
         except OSError:
             pass  # a read-only home: load_session will simply not find the session
 
@@ -240,6 +262,7 @@ class DemoAgent:
                         if isinstance(b, schema.TextContentBlock)).strip()
         received = [_describe_block(b) for b in prompt if not isinstance(b, schema.TextContentBlock)]
         cancel = self.cancelled[session_id] = asyncio.Event()
+        self.prompt_text[session_id] = text
         words = text.split()
         command, args = (words[0], words[1:]) if words else ("", [])
         handler = getattr(self, f"_cmd_{command[1:]}", None) if command.startswith("/") else None
@@ -258,6 +281,7 @@ class DemoAgent:
                 reply_parts += [reply] if reply else []
         finally:
             self.cancelled.pop(session_id, None)
+            self.prompt_text.pop(session_id, None)
         reply = "".join(reply_parts)
         state["history"] += [["user", text], ["agent", reply]]
         state["usage"][0] += count_tokens(text)
@@ -290,13 +314,48 @@ class DemoAgent:
             return (await self._reply(sid, "Usage: /write NAME TEXT")), "end_turn"
         name, content = args[0], " ".join(args[1:]) + "\n"
         path = os.path.join(state["cwd"], name)
+        existed = await asyncio.to_thread(os.path.isfile, path)  # (as the agent sees its workspace)
+        old = await self._old_text(sid, path) if existed else None
+        return await self._write(sid, state, f"Write {name}", path, content, old,
+                                 f"Wrote {name} ({len(content.encode())} bytes).")
+
+    async def _cmd_edit(self, sid, state, args, cancel):
+        edits = [a.split("=", 1) for a in args[1:]]
+        if not args or not edits or not all(len(e) == 2 and e[0].isdigit() and int(e[0]) > 0
+                                            for e in edits):
+            return (await self._reply(sid, "Usage: /edit NAME LINE=TEXT [LINE=TEXT ...]")), "end_turn"
+        name = args[0]
+        path = os.path.join(state["cwd"], name)
+        old = await self._old_text(sid, path)
+        if old is None:
+            return (await self._reply(sid, f"Could not read {name}.")), "end_turn"
+        lines = old.split("\n")
+        for number, text in edits:
+            index = int(number) - 1
+            lines += [""] * (index + 1 - len(lines))  # (past the end: the file grows)
+            lines[index] = text
+        return await self._write(sid, state, f"Edit {name}", path, "\n".join(lines), old,
+                                 f"Edited {name} ({len(edits)} lines).")
+
+    async def _old_text(self, sid: str, path: str) -> str | None:
+        """The file's text through the client's ``fs/read_text_file`` (None: unreadable)."""
+        try:
+            return (await self.conn.read_text_file(session_id=sid, path=path)).content
+        except RequestError:
+            return None
+
+    async def _write(self, sid, state, title: str, path: str, content: str, old: str | None,
+                     done: str) -> tuple[str, schema.StopReason]:
+        """Write ``content`` as an edit tool call: permission (unless ``yolo``), then the
+        client's ``fs/write_text_file``, then the call completed with its diff."""
+        name = os.path.basename(path)
         call_id = f"write-{uuid.uuid4().hex[:8]}"
         await self.conn.session_update(session_id=sid, update=helpers.start_edit_tool_call(
-            call_id, f"Write {name}", path, content))
+            call_id, title, path, content))
         if state["mode"] != "yolo":
             decision = await self.conn.request_permission(
                 session_id=sid,
-                tool_call=schema.ToolCallUpdate(tool_call_id=call_id, title=f"Write {name}", kind="edit"),
+                tool_call=schema.ToolCallUpdate(tool_call_id=call_id, title=title, kind="edit"),
                 options=[
                     schema.PermissionOption(option_id="allow", name="Allow", kind="allow_once"),
                     schema.PermissionOption(option_id="reject", name="Reject", kind="reject_once"),
@@ -320,8 +379,71 @@ class DemoAgent:
                 call_id, status="failed"))
             return (await self._reply(sid, f"Could not write {name}: {e}")), "end_turn"
         await self.conn.session_update(session_id=sid, update=helpers.update_tool_call(
-            call_id, status="completed", content=[helpers.tool_diff_content(path, content)]))
-        return (await self._reply(sid, f"Wrote {name} ({len(content.encode())} bytes).")), "end_turn"
+            call_id, status="completed", content=[helpers.tool_diff_content(path, content, old_text=old)]))
+        return (await self._reply(sid, done)), "end_turn"
+
+    async def _cmd_echo(self, sid, state, args, cancel):
+        text = self.prompt_text.get(sid, "").partition("\n")[2]
+        for i in range(0, len(text), 8):
+            await self.conn.session_update(session_id=sid,
+                                           update=helpers.update_agent_message_text(text[i:i + 8]))
+        return text, "end_turn"
+
+    async def _cmd_fill(self, sid, state, args, cancel):
+        n = int(args[0]) if args and args[0].isdigit() else 10
+        said: list[str] = []
+        for i in range(n):
+            if i % 2 == 0:  # a message: one chunk, a few Markdown lines
+                text = (f"**Message {i // 2 + 1}** of the fill, with `code` and *emphasis*.\n\n"
+                        f"- first point of {i}\n- second point\n\nA closing line.\n")
+                said.append(text)
+                await self.conn.session_update(session_id=sid,
+                                               update=helpers.update_agent_message_text(text))
+            else:  # a completed edit tool call with a small diff (it also separates the messages)
+                path = os.path.join(state["cwd"], f"fill-{i}.txt")
+                await self.conn.session_update(session_id=sid, update=helpers.start_tool_call(
+                    f"fill-{uuid.uuid4().hex[:8]}", f"Edit fill-{i}.txt", kind="edit", status="completed",
+                    content=[helpers.tool_diff_content(path, f"one\nTWO {i}\nthree\n",
+                                                       old_text="one\ntwo\nthree\n")],
+                    locations=[schema.ToolCallLocation(path=path)]))
+            if i % 50 == 49:
+                await asyncio.sleep(0)  # (let the cancel and other sessions in)
+            if cancel.is_set():
+                return "".join(said), "cancelled"
+        return "".join(said), "end_turn"
+
+    async def _cmd_nb(self, sid, state, args, cancel):
+        entry = state.get("mcp")
+        if not args or entry is None:
+            return (await self._reply(sid, "Usage: /nb TOOL JSON (needs the jupyter MCP server)")), "end_turn"
+        tool, raw = args[0], " ".join(args[1:]) or "{}"
+        try:
+            arguments = json.loads(raw)
+        except ValueError:
+            return (await self._reply(sid, f"Not JSON: {raw}")), "end_turn"
+        call_id = f"nb-{uuid.uuid4().hex[:8]}"
+        kind: Any = ("execute" if tool.startswith("run") else "read" if tool.startswith(("list", "read"))
+                     else "edit")
+        # as Qwen Code shows an MCP call: the tool's full name in _meta, its arguments as rawInput
+        title, meta = f"jupyter: {tool}", {"toolName": f"mcp__jupyter__{tool}"}
+        start = helpers.start_tool_call(call_id, title, kind=kind, status="pending", raw_input=arguments)
+        await self.conn.session_update(session_id=sid, update=start.model_copy(update={"field_meta": meta}))
+        if state["mode"] != "yolo" and kind != "read":
+            decision = await self.conn.request_permission(
+                session_id=sid,
+                tool_call=schema.ToolCallUpdate(tool_call_id=call_id, title=title, kind=kind,
+                                                raw_input=arguments, field_meta=meta),
+                options=[schema.PermissionOption(option_id="allow", name="Allow", kind="allow_once"),
+                         schema.PermissionOption(option_id="reject", name="Reject", kind="reject_once")])
+            if getattr(decision.outcome, "option_id", None) != "allow":
+                await self.conn.session_update(session_id=sid, update=helpers.update_tool_call(
+                    call_id, status="failed"))
+                return (await self._reply(sid, f"Permission denied: did not call {tool}.")), "end_turn"
+        ok, text = await demo_mcp.call_tool(entry, tool, arguments)
+        await self.conn.session_update(session_id=sid, update=helpers.update_tool_call(
+            call_id, status="completed" if ok else "failed",
+            content=[helpers.tool_content(helpers.text_block(text))]))
+        return (await self._reply(sid, f"{tool}: {text}")), "end_turn"
 
     async def _cmd_read(self, sid, state, args, cancel):
         path = args[0] if args and os.path.isabs(args[0]) else os.path.join(state["cwd"], *args[:1])
@@ -336,11 +458,17 @@ class DemoAgent:
             return (await self._reply(sid, "Usage: /shell COMMAND LINE")), "end_turn"
         if not self.client_has_terminal:
             return (await self._reply(sid, "This client offers no terminal.")), "end_turn"
-        term = await self.conn.create_terminal(session_id=sid, command="/bin/sh",
-                                               args=["-c", " ".join(args)],
+        line = " ".join(args)
+        term = await self.conn.create_terminal(session_id=sid, command="/bin/sh", args=["-c", line],
                                                cwd=state["cwd"], output_byte_limit=65536)
+        call_id = f"shell-{uuid.uuid4().hex[:8]}"
+        await self.conn.session_update(session_id=sid, update=helpers.start_tool_call(
+            call_id, f"Run {line}", kind="execute", status="in_progress", raw_input={"command": line},
+            content=[helpers.tool_terminal_ref(term.terminal_id)]))
         exit_status = await self.conn.wait_for_terminal_exit(session_id=sid, terminal_id=term.terminal_id)
         output = await self.conn.terminal_output(session_id=sid, terminal_id=term.terminal_id)
+        await self.conn.session_update(session_id=sid, update=helpers.update_tool_call(
+            call_id, status="completed" if exit_status.exit_code == 0 else "failed"))
         await self.conn.release_terminal(session_id=sid, terminal_id=term.terminal_id)
         return (await self._reply(sid, f"exit {exit_status.exit_code}: {output.output}")), "end_turn"
 
@@ -416,7 +544,8 @@ def main() -> None:
     # session/close as unstable (it refuses them unless told otherwise), though the protocol
     # and the real agents have them: the demo offers them, like Qwen Code and Codex do.
     restore = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--restore=")), "all")
-    asyncio.run(acp.run_agent(cast(Agent, DemoAgent(restore)), use_unstable_protocol=True))
+    agent = DemoAgent(restore, modes="--no-modes" not in sys.argv[1:])
+    asyncio.run(acp.run_agent(cast(Agent, agent), use_unstable_protocol=True))
 
 
 if __name__ == "__main__":

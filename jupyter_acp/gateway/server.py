@@ -188,7 +188,7 @@ class LlmGateway(LoggingConfigurable):
 
     @default("relay_python")
     def _default_relay_python(self) -> str:
-        return shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+        return system_python()
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -270,6 +270,12 @@ class LlmGateway(LoggingConfigurable):
     def sandbox_paths(self, route: GatewayRoute) -> tuple[list[str], list[str]]:
         """(read-only, read-write) host paths the sandbox needs for the relay and the socket."""
         return [str(RELAY.parent)], [os.path.dirname(route.socket_path)]
+
+
+def system_python() -> str:
+    """The Python a stdlib relay runs with inside a sandbox: the system's ``python3`` (which
+    every sandbox has, e.g. the sandbox image's), else the server's own."""
+    return shutil.which("python3", path="/usr/bin:/bin") or sys.executable
 
 
 class _BoundedHTTPServer(HTTPServer):

@@ -13,6 +13,7 @@ updates its output.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
@@ -170,6 +171,11 @@ class AcpApi:
     def answer(self, session_id: str, request_id: str, option_id: str | None) -> None:
         self.request("POST", f"sessions/{_quote(session_id)}/permissions/{_quote(request_id)}",
                      {"option_id": option_id})
+
+    def undo_edit(self, session_id: str, edit_id: str) -> dict[str, Any]:
+        """Revert one edit of the agent's notebook tools (409: the cell changed since)."""
+        path = f"sessions/{_quote(session_id)}/notebook-edits/{_quote(edit_id)}/undo"
+        return self.request("POST", path, {})
 
     def mode(self, session_id: str, mode_id: str | None = None) -> dict[str, Any]:
         if mode_id is None:
@@ -417,3 +423,109 @@ def _message(body: bytes | bytearray, status: int) -> str:
         return json.loads(body)["message"]
     except (ValueError, KeyError, TypeError):
         return f"The server answered HTTP {status}"
+
+
+# -- the agent's notebook tools, as text (``%%acp`` and ``ChatPanel``) ------------------------
+
+NOTEBOOK_TOOL_PREFIX = "mcp__jupyter__"
+_EDIT_MARKS = {"run_cell": "▶", "run_code": "▶", "undo": "↶"}
+
+
+def notebook_tool_title(tool: str, args: dict[str, Any] | None) -> str:
+    """A readable title for a call of a notebook tool (``insert_cell`` → "Insert a code cell
+    into nb.ipynb"): Qwen titles its permission request with the raw JSON of the arguments."""
+    args = args or {}
+    path = str(args.get("path") or "")
+    of = f" of {path}" if path else " of a notebook"
+    cell_type = str(args.get("cell_type") or "")
+    titles = {
+        "insert_cell": f"Insert a {cell_type + ' ' if cell_type else ''}cell into {path or 'a notebook'}",
+        "replace_cell": f"Edit a cell{of}", "move_cell": f"Move a cell{of}",
+        "delete_cell": f"Delete a cell{of}", "create_notebook": f"Create {path or 'a notebook'}",
+        "run_cell": f"Run a cell{of}", "run_code": f"Run code in the kernel{of}",
+        "read_notebook": f"Read {path or 'a notebook'}", "list_notebooks": "List the notebooks",
+    }
+    return titles.get(tool, f"Notebook tool: {tool}")
+
+
+def permission_view(tool_call: dict[str, Any]) -> tuple[str, str | None]:
+    """What a permission prompt shows: its title, and the code to read before answering — a
+    notebook run's code (server-made, ``_meta.jupyterAcp.notebookRun``) or the source a notebook
+    tool would write — or None."""
+    meta = tool_call.get("_meta") or {}
+    raw = tool_call.get("rawInput")
+    args = raw if isinstance(raw, dict) else {}
+    name = str(meta.get("toolName") or "")
+    title = str(tool_call.get("title") or "a tool call")
+    if (meta.get("jupyterAcp") or {}).get("notebookRun") is True:
+        return title, str(args.get("code") or "")
+    if name.startswith(NOTEBOOK_TOOL_PREFIX):
+        code = args.get("code", args.get("source"))
+        title = notebook_tool_title(name[len(NOTEBOOK_TOOL_PREFIX):], args)
+        return title, code if isinstance(code, str) else None
+    return title, None
+
+
+def outputs_text(outputs: Any) -> str:
+    """A run's outputs (as the server summarized them, or nbformat's) as text: streams and plain
+    text as they are, errors as ``ename: evalue``, rich ones as ``[image/png]``."""
+    lines: list[str] = []
+    for o in outputs if isinstance(outputs, list) else []:
+        if not isinstance(o, dict):
+            continue
+        kind = str(o.get("type") or o.get("output_type") or "")
+        if kind == "error":
+            lines.append(f"{o.get('ename') or ''}: {o.get('evalue') or ''}")
+            continue
+        text = o.get("text", (o.get("data") or {}).get("text/plain"))
+        text = "".join(text) if isinstance(text, list) else str(text or "")
+        mime = ", ".join(o.get("mime") or []) if isinstance(o.get("mime"), list) else ""
+        lines.append(text.rstrip("\n") if text else f"[{mime or kind}]")
+    return "\n".join(lines)
+
+
+def notebook_edit_text(record: dict[str, Any]) -> tuple[str, str | None]:
+    """A ``notebook:edit`` record as one line and an optional block: "✎ inserted code cell
+    3f2a1b2c into nb.ipynb at 0" + its source, "▶ ran cell … [3] ok" + the code and outputs,
+    "↶ undid edit e1a2b3c4 of nb.ipynb". The block of an edit is a diff of the cell's source."""
+    tool = str(record.get("tool") or "")
+    path = str(record.get("path") or "?")
+    cell_id = str(record.get("cell_id") or "")[:8]
+    cell = " ".join(p for p in (record.get("cell_type"), "cell", cell_id) if p)
+    index = record.get("index")
+    at = f" at {index}" if isinstance(index, int) else ""
+    before, after = record.get("before"), record.get("after")
+    mark = _EDIT_MARKS.get(tool, "✎")
+    edit_id = str(record.get("edit_id") or "")[:8]
+    heads = {
+        "insert_cell": f"inserted {cell} into {path}{at}",
+        "replace_cell": f"edited {cell} of {path}",
+        "move_cell": f"moved {cell} of {path}" + (f" to {index}" if isinstance(index, int) else ""),
+        "delete_cell": f"deleted {cell} of {path}",
+        "create_notebook": f"created {path}",
+        "undo": f"undid edit {str(record.get('undoes') or '')[:8]} of {path}",
+    }
+    body: str | None = None
+    if tool in ("run_cell", "run_code"):
+        count = record.get("execution_count")
+        counted = f" [{count}]" if isinstance(count, int) else ""
+        head = f"ran {cell if cell_id else 'code'} of {path}{counted} {record.get('status') or 'done'}"
+        code = after if isinstance(after, str) else before if isinstance(before, str) else ""
+        out = outputs_text(record.get("outputs"))
+        body = code + (f"\n→ {out}" if out else "")
+    else:
+        head = heads.get(tool, f"{tool} {path}")
+        if tool in ("insert_cell", "create_notebook"):
+            body = after if isinstance(after, str) and after else None
+        elif tool in ("replace_cell", "delete_cell", "undo") and (before or after):
+            body = _source_diff(before if isinstance(before, str) else "",
+                                after if isinstance(after, str) else "")
+    if record.get("undoable") and tool != "undo" and edit_id:
+        head += f" (edit {edit_id})"
+    return f"{mark} {head}", body
+
+
+def _source_diff(before: str, after: str) -> str:
+    """The changed lines of a cell's source, ``-`` then ``+`` (with a line of context)."""
+    lines = difflib.unified_diff(before.splitlines(), after.splitlines(), n=1, lineterm="")
+    return "\n".join(line for line in lines if not line.startswith(("---", "+++", "@@")))

@@ -18,7 +18,9 @@ from typing import Any, TypeVar, cast
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import HTML, Markdown, display
 
-from .api import AcpApi, AcpApiError, SessionGone, attachment_text
+from .api import AcpApi, AcpApiError, SessionGone, permission_view
+from .markdown import attachments_markdown, edit_markdown, item_markdown, table
+from .transcript import Item, Throttle, Transcript
 
 USAGE = """Agent sessions from notebook cells (jupyter-acp).
 
@@ -42,12 +44,15 @@ Line magic ``%acp COMMAND``:
   %acp model [NAME]                      the agent's models (* marks the current one), or switch
   %acp commands                          the agent's slash commands (use them as /name in %%acp)
   %acp cancel                            cancel the running turn of the session in use
+  %acp undo EDIT                         undo one of the agent's notebook edits (its id, or the
+                                         start of it, as the cell output shows: "(edit 3f2a1b2c)")
   %acp chat [--agent NAME]               a chat panel widget on the session in use
 
 Cell magic ``%%acp [--session ID] [--permissions ask|allow|deny] [--image FILE ...]``: the cell
 is the prompt; the reply streams into the output as Markdown, tool calls one line each, then the
 turn's tokens. ``@path`` (or ``@"a b.txt"``) names a workspace file to send along, ``/name`` runs
-one of the agent's commands; what went with the prompt is listed (📎 NAME (N bytes)). With no
+one of the agent's commands; what went with the prompt is listed (📎 NAME (N bytes)); the
+agent's notebook edits are listed with what they changed (✎ inserted …, ▶ ran …). With no
 session in use, one is started with the default agent; a session in use that was suspended
 (idle, or a server restart) is resumed. Permission requests are asked with an input box
 (``ask``, the default) or answered by ``allow`` / ``deny``. Interrupting the kernel (the stop
@@ -96,6 +101,9 @@ def _parser() -> _Parser:
     sub.add_parser("model", add_help=False).add_argument("model", nargs="?")
     sub.add_parser("commands", add_help=False)
     sub.add_parser("cancel", add_help=False)
+    undo = sub.add_parser("undo", add_help=False)
+    undo.add_argument("edit")
+    undo.add_argument("--session")
     sub.add_parser("chat", add_help=False).add_argument("--agent")
     for sp in sub.choices.values():
         sp.error = parser.error  # type: ignore[method-assign]
@@ -134,20 +142,6 @@ def _image(path: str) -> dict[str, str]:
     return {"mime_type": mime, "data": base64.b64encode(data).decode()}
 
 
-def _plain(text: str) -> str:
-    """``text`` shown literally in Markdown (a file name with ``*`` or ``_`` stays as it is)."""
-    return "".join("\\" + c if c in "\\`*_[]<>|#" else c for c in text)
-
-
-def _table(rows: list[list[Any]], header: list[str]) -> str:
-    def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _short(text: str, limit: int = 60) -> str:
     """``text`` cut to ``limit`` characters for a table cell."""
     return text if len(text) <= limit else text[:limit - 1] + "…"
@@ -173,50 +167,55 @@ def svg_bars(values: list[int], labels: list[str], title: str) -> str:
 
 
 class TurnRenderer:
-    """Streams one turn into the cell output: Markdown updated in place, what went with the
-    prompt (``@file`` mentions, images) one line each, then tool calls one line each."""
+    """Streams one turn into the cell output, one display per transcript item (``transcript.py``
+    interprets the events, ``markdown.py`` draws an item): a new item gets a new display, a
+    changed one an update of its own display only. An item that streams (the agent's reply) is
+    updated at most every ``min_interval`` seconds, and for good at the turn's end (``flush``).
+
+    The prompt itself is the cell: of the user's message only what went with it (``@file``
+    mentions, images) is shown."""
 
     def __init__(self, min_interval: float = 0.1) -> None:
-        self.text = ""
-        self.attachments: list[str] = []
-        self.tools: dict[str, str] = {}
-        self.state: dict[str, tuple[str, str]] = {}
-        self.order: list[str] = []
-        self.handle = display(Markdown("*…*"), display_id=True)
-        self.min_interval = min_interval
-        self._last = 0.0
+        self.transcript = Transcript()
+        self.throttle = Throttle(min_interval)
+        self.handles: dict[str, Any] = {}
+        # shown at once, so that the cell says the agent is at work; the first item takes it
+        self._spare: Any = display(Markdown("*…*"), display_id=True)
 
     def markdown(self) -> str:
-        # (a hard line break, two spaces, between the attachments: one line each, one paragraph)
-        head = "  \n".join(self.attachments) + "\n\n" if self.attachments else ""
-        lines = [self.tools[t] for t in self.order]
-        return head + ("\n".join(lines) + "\n\n" if lines else "") + (self.text or "*…*")
+        """The whole turn as one Markdown text (what the displays show, in order)."""
+        return "\n\n".join(filter(None, (self._text(i) for i in self.transcript.items)))
 
-    def refresh(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last >= self.min_interval:
-            self._last = now
-            self.handle.update(Markdown(self.markdown()))
+    def _text(self, item: Item) -> str:
+        if item.removed:
+            return ""
+        if item.kind == "user":
+            return attachments_markdown(item)
+        return item_markdown(item, self.transcript.terminals)
 
     def on_event(self, frame: dict[str, Any]) -> None:
-        data = frame.get("data") or {}
-        if frame["type"] == "chat:message":  # our prompt, as the server sent it to the agent
-            self.attachments = [_plain(attachment_text(a)) for a in data.get("attachments") or []
-                                if isinstance(a, dict)]
-        elif frame["type"] == "session/update":
-            kind = data.get("sessionUpdate")
-            if kind == "agent_message_chunk" and (data.get("content") or {}).get("type") == "text":
-                self.text += data["content"]["text"]
-            elif kind in ("tool_call", "tool_call_update"):
-                tool_id = data.get("toolCallId", "?")
-                if tool_id not in self.tools:
-                    self.order.append(tool_id)
-                previous = self.state.get(tool_id, ("tool", "pending"))
-                title = data.get("title") or previous[0]
-                status = data.get("status") or previous[1]
-                self.state[tool_id] = (title, status)
-                self.tools[tool_id] = f"- 🔧 `{title}` — {status}"
-        self.refresh()
+        self._draw(self.throttle.take(self.transcript.apply(frame)))
+
+    def refresh(self, force: bool = False) -> None:
+        """Draw what the throttle held back (``force``: everything, at the turn's end)."""
+        self._draw(self.throttle.flush() if force else self.throttle.take([]))
+        if force and self._spare is not None:
+            self._spare.update(Markdown(""))
+            self._spare = None
+
+    def _draw(self, items: list[Item]) -> None:
+        for item in items:
+            text = self._text(item)
+            handle = self.handles.get(item.key)
+            if handle is not None:
+                handle.update(Markdown(text))
+            elif text:
+                if self._spare is not None:
+                    handle, self._spare = self._spare, None
+                    handle.update(Markdown(text))
+                else:
+                    handle = display(Markdown(text), display_id=True)
+                self.handles[item.key] = handle
 
 
 @magics_class
@@ -326,25 +325,26 @@ class AcpMagics(Magics):
               images: list[dict[str, str]] | None = None) -> None:
         self._awake(session_id)
         renderer = TurnRenderer()
+        started = False  # (what came before our prompt, e.g. the end of an earlier turn, is not shown)
 
         def on_event(frame: dict[str, Any]) -> None:
-            renderer.on_event(frame)
+            nonlocal started
+            started = started or frame["type"] == "chat:message"
+            if started:
+                renderer.on_event(frame)
             if frame["type"] == "permission:request":
+                renderer.refresh(force=True)  # (all of it on screen before the question)
                 self._permission(session_id, frame["data"], policy)
 
-        result = self.api.stream(session_id, prompt, on_event,
-                                 on_interrupt=lambda: print("acp: cancelling the turn…"), images=images)
+        # the turn's footer and its errors are items of the transcript, drawn as they come
+        self.api.stream(session_id, prompt, on_event,
+                        on_interrupt=lambda: print("acp: cancelling the turn…"), images=images)
         renderer.refresh(force=True)
-        usage = result.get("usage") or {}
-        footer = (f"*{result.get('stop_reason')} · tokens: {usage.get('input_tokens', 0)} in, "
-                  f"{usage.get('output_tokens', 0)} out, {usage.get('total_tokens', 0)} total*")
-        if result.get("error"):
-            footer += f"\n\n**Error:** {result['error']}"
-        display(Markdown(footer))
 
     def _permission(self, session_id: str, request: dict[str, Any], policy: str) -> None:
         options = request.get("options", [])
-        title = (request.get("tool_call") or {}).get("title") or "a tool call"
+        # (the request, with the code it would run, is on screen: an item of the transcript)
+        title = permission_view(request.get("tool_call") or {})[0]
         if policy in ("allow", "deny"):
             kinds = ("allow_once", "allow_always") if policy == "allow" else ("reject_once", "reject_always")
             choice = next((o["optionId"] for o in options if o.get("kind") in kinds), None)
@@ -367,7 +367,7 @@ class AcpMagics(Magics):
         data = self.api.agents()
         rows = [[a["name"] + (" (default)" if a["default"] else ""), a["display_name"],
                  "yes" if a["available"] else f"no: {a['reason']}"] for a in data["agents"]]
-        display(Markdown(_table(rows, ["agent", "name", "available"])))
+        display(Markdown(table(rows, ["agent", "name", "available"])))
 
     def _cmd_start(self, args: argparse.Namespace) -> None:
         session = self.api.start(args.agent, new=args.new, cwd=args.cwd)
@@ -384,7 +384,7 @@ class AcpMagics(Magics):
         rows = [[("* " if s["id"] == self.current else "") + s["id"][:12], s["agent"], s["state"],
                  _short(s.get("title") or ""), s["turns"], (s.get("tokens") or {}).get("total_tokens", 0)]
                 for s in sessions]
-        display(Markdown(_table(rows, ["session", "agent", "state", "title", "turns", "tokens"])))
+        display(Markdown(table(rows, ["session", "agent", "state", "title", "turns", "tokens"])))
 
     def _cmd_use(self, args: argparse.Namespace) -> None:
         self.current = self._resolve(args.id)
@@ -431,7 +431,7 @@ class AcpMagics(Magics):
                 ["sandbox", s["sandbox"]], ["turns", s["turns"]], ["input tokens", t["input_tokens"]],
                 ["output tokens", t["output_tokens"]], ["total tokens", t["total_tokens"]],
                 ["cost", f"{s['cost']:.6f} {s['currency'] or ''}".strip()]]
-        display(Markdown(_table(rows, ["session " + session_id[:12], ""])))
+        display(Markdown(table(rows, ["session " + session_id[:12], ""])))
         if args.plot:
             events = self.api.history(session_id)["events"]
             turns = [e["data"] for e in events if e["type"] == "chat:response"]
@@ -442,7 +442,7 @@ class AcpMagics(Magics):
         usage = self.api.usage()
         rows = [[d["day"], d["turns"], d["input_tokens"], d["output_tokens"], d["total_tokens"]]
                 for d in usage["per_day"]]
-        display(Markdown(_table(rows, ["day (UTC)", "turns", "input", "output", "total"])))
+        display(Markdown(table(rows, ["day (UTC)", "turns", "input", "output", "total"])))
         quota = usage["quota"]
         limit = quota["max_tokens_per_day"]
         print(f"acp: {quota['used_today']} tokens today" +
@@ -480,7 +480,7 @@ class AcpMagics(Magics):
                              "no choice of model")
         rows = [[("* " if m.get("value") == models.get("current") else "") + str(m.get("value")),
                  m.get("name") or "", m.get("description") or ""] for m in models.get("available") or []]
-        display(Markdown(_table(rows, ["model", "name", "description"])))
+        display(Markdown(table(rows, ["model", "name", "description"])))
 
     def _cmd_commands(self, args: argparse.Namespace) -> None:
         session_id = self._resolve(None)
@@ -496,7 +496,7 @@ class AcpMagics(Magics):
             return
         rows = [["/" + str(c.get("name")), c.get("description") or "",
                  ((c.get("input") or {}).get("hint") or "")] for c in commands]
-        display(Markdown(_table(rows, ["command", "description", "input"])))
+        display(Markdown(table(rows, ["command", "description", "input"])))
 
     def _cmd_cancel(self, args: argparse.Namespace) -> None:
         session_id = self._resolve(None)
@@ -505,6 +505,24 @@ class AcpMagics(Magics):
             return
         cancelled = self.api.cancel(session_id)
         print("acp: cancelled the running turn" if cancelled else "acp: no turn is running")
+
+    def _cmd_undo(self, args: argparse.Namespace) -> None:
+        session_id = self._resolve(args.session)
+        edit_id = args.edit
+        # a prefix, as the cell output shows it, names the one edit of this session it starts
+        # (one the history no longer holds goes as given: the server says if it knows it)
+        events = self.api.history(session_id).get("events") or []
+        ids = {str((e.get("data") or {}).get("edit_id")) for e in events if e.get("type") == "notebook:edit"}
+        matches = sorted(i for i in ids if i.startswith(edit_id))
+        if len(matches) > 1 and edit_id not in matches:
+            raise MagicError(f"{edit_id!r} matches several notebook edits; give more of the id")
+        edit_id = edit_id if edit_id in matches or not matches else matches[0]
+        answer = self.api.undo_edit(session_id, edit_id)
+        record = answer.get("record") if isinstance(answer, dict) else None
+        if isinstance(record, dict):
+            display(Markdown(edit_markdown(record)))
+        else:
+            print(f"acp: undid edit {edit_id[:8]}")
 
     def _cmd_chat(self, args: argparse.Namespace) -> Any:
         from .widget import ChatPanel

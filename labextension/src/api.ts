@@ -189,6 +189,14 @@ export class AcpApi {
     return this.request('POST', ['sessions', id, 'model'], { model });
   }
 
+  /**
+   * Revert one edit of the agent's notebook tools. 409 (an AcpApiError) when the cell changed
+   * since; its message says why. The session's `notebook:edit` event then marks it undone.
+   */
+  undoNotebookEdit(id: string, editId: string): Promise<{ undone: string; record: unknown }> {
+    return this.request('POST', ['sessions', id, 'notebook-edits', editId, 'undo'], {});
+  }
+
   usage(): Promise<UsageInfo> {
     return this.request('GET', ['usage']);
   }

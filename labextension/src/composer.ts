@@ -11,6 +11,7 @@
 import { ImageBlock } from './api';
 import { applyChoice, Choice, completionAt, CompletionQuery, matchCommands } from './completion';
 import { formatBytes, h } from './dom';
+import { __ } from './i18n';
 import { Command } from './reducer';
 
 /** The server's limits for images in a prompt (docs/api.md). */
@@ -37,7 +38,35 @@ interface PendingImage extends ImageBlock {
   size: number;
 }
 
-const PLACEHOLDER = 'Ask the agent… (Enter sends, Shift+Enter for a new line; / for commands, @ for files)';
+/** Which key sends (the `sendKey` setting): Enter alone, or Ctrl/Cmd+Enter (Enter is then a
+ * new line). Ctrl/Cmd+Enter always sends, and Shift+Enter is always a new line. */
+export type SendKey = 'Enter' | 'Mod-Enter';
+
+let sendKey: SendKey = 'Enter';
+const composers = new Set<Composer>();
+
+/** Use `key` to send, in every composer (index.ts calls it when the setting changes). */
+export function setSendKey(key: SendKey): void {
+  sendKey = key === 'Mod-Enter' ? 'Mod-Enter' : 'Enter';
+  for (const c of composers) {
+    c.refreshPlaceholder();
+  }
+}
+
+export function getSendKey(): SendKey {
+  return sendKey;
+}
+
+const IS_MAC = typeof navigator !== 'undefined' && /Mac|iPhone|iPad/.test(navigator.platform ?? '');
+
+function placeholder(): string {
+  return sendKey === 'Enter'
+    ? __('Ask the agent… (Enter sends, Shift+Enter for a new line; / for commands, @ for files)')
+    : __(
+        'Ask the agent… (%1+Enter sends, Enter for a new line; / for commands, @ for files)',
+        IS_MAC ? 'Cmd' : 'Ctrl'
+      );
+}
 
 export class Composer {
   readonly node: HTMLElement;
@@ -58,7 +87,7 @@ export class Composer {
   constructor(private readonly host: ComposerHost) {
     this.input = h('textarea', {
       className: 'jp-mod-styled jp-AcpPanel-input',
-      placeholder: PLACEHOLDER,
+      placeholder: placeholder(),
       rows: '3',
       'aria-autocomplete': 'list',
       onkeydown: ev => this.onKey(ev as KeyboardEvent),
@@ -79,12 +108,12 @@ export class Composer {
     this._send = h(
       'button',
       { className: 'jp-Button jp-mod-styled jp-mod-accept', onclick: () => void this.submit() },
-      'Send'
+      __('Send')
     ) as HTMLButtonElement;
     this._cancel = h(
       'button',
       { className: 'jp-Button jp-mod-styled jp-mod-warn', onclick: () => this.host.cancel() },
-      'Cancel'
+      __('Cancel')
     ) as HTMLButtonElement;
     this.node = h(
       'div',
@@ -94,6 +123,19 @@ export class Composer {
       this.input,
       h('div', { className: 'jp-AcpPanel-row' }, this._cancel, this._send)
     );
+    composers.add(this);
+  }
+
+  /** Stop following the send-key setting (the panel is gone). */
+  dispose(): void {
+    composers.delete(this);
+  }
+
+  /** The hint in the empty input says which key sends (unless a session is starting). */
+  refreshPlaceholder(): void {
+    if (!this._starting) {
+      this.input.placeholder = placeholder();
+    }
   }
 
   /** A turn is running: Send is off, Cancel is on. */
@@ -111,7 +153,7 @@ export class Composer {
     this._starting = starting;
     this.input.disabled = starting;
     this._send.disabled = starting;
-    this.input.placeholder = starting ? label : PLACEHOLDER;
+    this.input.placeholder = starting ? label : placeholder();
     this.node.classList.toggle('jp-mod-starting', starting);
     if (starting) {
       this.close();
@@ -185,8 +227,11 @@ export class Composer {
       }
     }
     if (key.key === 'Enter' && !key.shiftKey && !key.isComposing) {
-      key.preventDefault();
-      void this.submit();
+      const mod = key.ctrlKey || key.metaKey;
+      if (mod || sendKey === 'Enter') {
+        key.preventDefault();
+        void this.submit();
+      } // (else: Enter is a new line, as in the textarea)
     }
   }
 

@@ -16,7 +16,7 @@
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { AcpApi, ImageBlock } from './api';
-import { emptyView, Frame, reduce, SessionView, withSession } from './reducer';
+import { emptyView, Frame, reduce, reduceAll, SessionView, withSession } from './reducer';
 
 /**
  * Close code of a session that does not exist for this user (docs/api.md): unknown, another
@@ -175,18 +175,35 @@ export class SessionConnection {
     Signal.clearData(this);
   }
 
-  private apply(frame: Frame): void {
-    if (frame.type === 'hello') {
-      this._helloSeen = true;
-      this._helloSuspended = frame.data?.state === 'suspended';
-      if (!this._helloSuspended) {
-        this._resumed = false; // live again: a later suspension is a new one
-        this.flush();
+  /**
+   * Apply the frames of one socket message (under `?batch=1` a burst of events comes as one):
+   * reduced together (`reduceAll` appends a run of streamed chunks at once), then one `changed`.
+   */
+  private apply(frames: readonly Frame[]): void {
+    const before = this._view;
+    let view = before;
+    let start = 0;
+    let turnEnded = false;
+    for (let k = 0; k < frames.length; k++) {
+      const frame = frames[k];
+      if (frame?.type === 'hello') {
+        this._helloSeen = true;
+        this._helloSuspended = frame.data?.state === 'suspended';
+        if (!this._helloSuspended) {
+          this._resumed = false; // live again: a later suspension is a new one
+          this.flush();
+        }
+      } else if (frame?.type === 'chat:response') {
+        // (alone: whether this very frame ended a live turn, not a replayed or repeated one)
+        view = reduceAll(view, frames.slice(start, k));
+        const prev = view;
+        view = reduce(view, frame);
+        turnEnded ||= !view.replaying && view !== prev;
+        start = k + 1;
       }
     }
-    const before = this._view;
-    this._view = reduce(before, frame);
-    if (frame.type === 'chat:response' && !this._view.replaying && this._view !== before) {
+    this._view = reduceAll(view, frames.slice(start));
+    if (turnEnded) {
       this._turnEnded.emit();
     }
     if (this._view !== before) {
@@ -198,7 +215,7 @@ export class SessionConnection {
   private end(reason: string): void {
     this._endedWith = reason;
     this._queue = [];
-    this.apply({ type: 'error', data: { message: reason } });
+    this.apply([{ type: 'error', data: { message: reason } }]);
     this._view = { ...this._view, state: 'stopped', busy: false, pendingPermissions: [] };
     this._changed.emit(this._view);
     this._ended.emit(reason);
@@ -231,9 +248,7 @@ export class SessionConnection {
       try {
         // ?batch=1: a burst of events arrives as one frame, an array in order
         const data = JSON.parse(String(msg.data)) as Frame | Frame[];
-        for (const frame of Array.isArray(data) ? data : [data]) {
-          this.apply(frame);
-        }
+        this.apply(Array.isArray(data) ? data : [data]);
       } catch (e) {
         console.error('jupyter-acp: bad frame', e);
       }

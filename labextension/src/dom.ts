@@ -1,6 +1,6 @@
 /**
  * A tiny DOM builder shared by the panel's modules: text children are always text nodes, never
- * HTML (agent text is untrusted; the only innerHTML is markdown.ts's escaped rendering).
+ * HTML (agent text is untrusted; Markdown goes through JupyterLab's sanitizer: render/markdown.ts).
  */
 
 export type Attrs = Record<string, string | boolean | ((ev: Event) => void) | undefined>;
@@ -42,4 +42,10 @@ export function formatBytes(n: number): string {
     return `${(n / 1024).toFixed(1)} KB`;
   }
   return `${(n / 1024 / 1024).toFixed(1)} MB`;
+}
+
+/** `source` as text in a block, its lines kept: Markdown shown without a renderer (or when a
+ * render failed). Never HTML. */
+export function plainBlock(source: string): HTMLElement {
+  return h('div', {}, h('p', { style: 'white-space: pre-wrap' }, source));
 }

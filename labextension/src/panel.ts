@@ -4,25 +4,55 @@
  *
  * Everything the chat shows comes from the session's reduced view (reducer.ts); this module
  * only draws it and turns clicks into API calls or socket frames. Drawing is batched to one
- * repaint per animation frame, so a fast stream of chunks costs one render per frame. The input
- * (completion, images) is composer.ts, the session list sessions.ts, the chat items items.ts.
+ * repaint per animation frame, and each repaint touches only what changed: the log is keyed
+ * (log.ts: a new item gets a node, a changed one is patched in place, the others are left alone),
+ * and the status line and the selects are redrawn only when what they show changed. The input
+ * (completion, images) is composer.ts, the session list sessions.ts, the chat items items/.
  */
 
 import { Dialog, showDialog } from '@jupyterlab/apputils';
+import type { INotebookTracker } from '@jupyterlab/notebook';
+import type { IRenderMimeRegistry } from '@jupyterlab/rendermime';
+import type { ITranslator } from '@jupyterlab/translation';
 import { Widget } from '@lumino/widgets';
 
 import { AcpApi, AcpApiError, AgentInfo, ImageBlock, SessionInfo, UsageInfo } from './api';
+import { ChatBar, NOT_RUNNING } from './chatbar';
 import { Composer } from './composer';
 import { SessionConnection } from './connection';
 import { h } from './dom';
-import { drawItem } from './items';
-import { Command, formatTokens, modelState, SessionView } from './reducer';
+import { __ } from './i18n';
+import { createItemView, EditActions, ItemContext } from './items';
+import { ChatLog } from './log';
+import { ChatItem, Command, formatTokens, modelState, SessionView } from './reducer';
+import { notebookCodeActions } from './render/codeActions';
+import { plainMarkdown, rendermimeMarkdown } from './render/markdown';
 import { drawSessionList } from './sessions';
 
 export { displayPath } from './dom';
 
-/** States in which the session's socket and agent are gone for good or for now. */
-const NOT_RUNNING = new Set(['stopped', 'error', 'suspended']);
+
+/** The settings the panel follows (schema/plugin.json). */
+export interface PanelSettings {
+  /** The agent selected for "New session" ('' = the server's default). */
+  defaultAgent?: string;
+  /** Follow a streaming reply down when the reader is at the bottom. */
+  autoScroll?: boolean;
+}
+
+/** What the application gives the panel (index.ts); all optional, so a bare panel works in tests. */
+export interface AcpPanelOptions {
+  api?: AcpApi;
+  /** Called after each turn (e.g. to refresh the file browser: the agent writes behind its back). */
+  onTurnEnd?: () => void;
+  /** JupyterLab's renderers: Markdown as a Markdown cell shows it (without: plain text). */
+  rendermime?: IRenderMimeRegistry | null;
+  /** The notebooks, for the code blocks' Insert / Replace buttons (without: Copy only). */
+  tracker?: INotebookTracker | null;
+  translator?: ITranslator | null;
+  /** The user's settings (`defaultAgent`, `autoScroll`; the send key is the composer's). */
+  settings?: PanelSettings | null;
+}
 
 export class AcpPanel extends Widget {
   readonly api: AcpApi;
@@ -37,50 +67,82 @@ export class AcpPanel extends Widget {
   /** The session being resumed (shown as the current one in the list meanwhile). */
   private _pendingId: string | null = null;
   private _commandsSeen: Command[] = [];
+  private _autoScroll = true;
+  private _preferredAgent = '';
+  /** Whether the log was scrolled to its bottom last time it scrolled (then it follows the reply). */
+  private _stick = true;
+  /** Where the panel itself last scrolled the log to. */
+  private _ownScroll = -1;
+  /** Undos of notebook edits asked from this panel: under way, or failed with the server's reason. */
+  private _undos = new Map<string, { busy: boolean; error: string | null }>();
+  private readonly _editActions: EditActions = {
+    undo: editId => void this.undoEdit(editId),
+    undoState: editId => this._undos.get(editId)
+  };
 
   private _agentSelect: HTMLSelectElement;
   private _sessionList: HTMLElement;
   private _usageLine: HTMLElement;
   private _banner: HTMLElement;
-  private _status: HTMLElement;
-  private _modeSelect: HTMLSelectElement;
-  private _modelSelect: HTMLSelectElement;
+  private _bar: ChatBar;
   private _log: HTMLElement;
+  private _chat: ChatLog<ChatItem>;
+  /** The rows after the items: "starting…" while a session is created, "working…" during a turn. */
+  private _starting: HTMLElement;
+  private _working: HTMLElement;
   private _composer: Composer;
+  private readonly onTurnEnd?: () => void;
 
   /**
-   * @param onTurnEnd called after each turn (e.g. to refresh the file browser, since the agent
-   * writes files behind JupyterLab's back)
+   * @param options what the application gives (index.ts); an `AcpApi` as first argument and
+   * `onTurnEnd` as second are still accepted
    */
-  constructor(
-    api?: AcpApi,
-    private readonly onTurnEnd?: () => void
-  ) {
+  constructor(options?: AcpPanelOptions | AcpApi, onTurnEnd?: () => void) {
     super();
-    this.api = api ?? new AcpApi();
+    const opts: AcpPanelOptions = options instanceof AcpApi ? { api: options } : { ...(options ?? {}) };
+    this.api = opts.api ?? new AcpApi();
+    this.onTurnEnd = opts.onTurnEnd ?? onTurnEnd;
+    this._autoScroll = opts.settings?.autoScroll ?? true;
+    this._preferredAgent = opts.settings?.defaultAgent ?? '';
     this.id = 'jupyter-acp-panel';
     this.addClass('jp-AcpPanel');
-    this.title.caption = 'Coding agents';
+    this.title.caption = __('Coding agents');
 
     this._agentSelect = h('select', {
       className: 'jp-mod-styled jp-AcpPanel-agent',
-      'aria-label': 'Agent'
+      'aria-label': __('Agent')
     }) as HTMLSelectElement;
     this._sessionList = h('ul', { className: 'jp-AcpPanel-sessions', 'aria-label': 'My sessions' });
     this._usageLine = h('div', { className: 'jp-AcpPanel-usage', 'data-testid': 'acp-usage-today' });
     this._banner = h('div', { className: 'jp-AcpPanel-banner', role: 'alert' });
-    this._status = h('div', { className: 'jp-AcpPanel-status' });
-    this._modeSelect = h('select', {
-      className: 'jp-mod-styled jp-AcpPanel-mode',
-      'aria-label': 'Mode',
-      onchange: () => this._conn?.setMode(this._modeSelect.value)
-    }) as HTMLSelectElement;
-    this._modelSelect = h('select', {
-      className: 'jp-mod-styled jp-AcpPanel-model',
-      'aria-label': 'Model',
-      onchange: () => void this.setModel(this._modelSelect.value)
-    }) as HTMLSelectElement;
+    this._bar = new ChatBar({
+      setMode: id => this._conn?.setMode(id),
+      setModel: value => void this.setModel(value)
+    });
     this._log = h('div', { className: 'jp-AcpPanel-log', 'aria-live': 'polite' });
+    this._starting = h('div', { className: 'jp-AcpPanel-starting', hidden: true }, __('New session — starting…'));
+    this._working = h('div', { className: 'jp-AcpPanel-working', hidden: true }, __('The agent is working…'));
+    // the last child is the scroll anchor: at the bottom, the browser keeps it in view as
+    // content above it grows (renders are async, so they land after the draw scrolled)
+    this._log.append(this._starting, this._working, h('div', { className: 'jp-AcpPanel-anchor' }));
+    this._log.addEventListener('scroll', () => {
+      const log = this._log;
+      if (log.scrollTop !== this._ownScroll) {
+        // the reader scrolled (ours lands where we put it, even if content grew since)
+        this._stick = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+      }
+    });
+    const ctx: ItemContext = {
+      workspace: () => this._conn?.view.workspace ?? '',
+      connection: () => this._conn,
+      terminals: () => this._conn?.view.terminals ?? {},
+      replaying: () => !!this._conn?.view.replaying,
+      markdown: opts.rendermime ? rendermimeMarkdown(opts.rendermime, opts.translator ?? undefined) : plainMarkdown(),
+      code: opts.rendermime ? notebookCodeActions(opts.tracker ?? null) : null,
+      edits: this._editActions,
+      rendered: () => this.followBottom()
+    };
+    this._chat = new ChatLog<ChatItem>(this._log, item => createItemView(item, ctx));
     this._composer = new Composer({
       commands: () => this._conn?.view.commands ?? [],
       files: prefix => (this._conn ? this.api.files(this._conn.id, prefix) : Promise.resolve([])),
@@ -104,27 +166,33 @@ export class AcpPanel extends Widget {
             'button',
             {
               className: 'jp-Button jp-mod-styled jp-mod-accept',
-              title: 'Start a new session with the selected agent',
+              title: __('Start a new session with the selected agent'),
               onclick: () => void this.newSession()
             },
-            'New session'
+            __('New session')
           )
         ),
         this._usageLine,
         this._sessionList
       ),
       this._banner,
-      h(
-        'div',
-        { className: 'jp-AcpPanel-chatbar' },
-        this._status,
-        h('label', { className: 'jp-AcpPanel-modeLabel' }, 'Mode ', this._modeSelect),
-        h('label', { className: 'jp-AcpPanel-modeLabel jp-AcpPanel-modelLabel' }, 'Model ', this._modelSelect)
-      ),
+      this._bar.node,
       this._log,
       this._composer.node
     );
     this.draw();
+  }
+
+  /** Take the user's settings (they can change while the panel is open). */
+  configure(settings: PanelSettings): void {
+    this._autoScroll = settings.autoScroll ?? true;
+    const agent = settings.defaultAgent ?? '';
+    if (agent !== this._preferredAgent) {
+      this._preferredAgent = agent;
+      if (this._agents.some(a => a.name === agent && a.available)) {
+        this._agentSelect.value = agent;
+      }
+    }
   }
 
   /** The session the chat shows (null before one is opened). */
@@ -173,7 +241,7 @@ export class AcpPanel extends Widget {
       this.drawSessions();
       this.drawUsage();
       if (!agents.agents.some(a => a.available)) {
-        this.showError('No agent can run here: ' + agents.agents.map(a => `${a.display_name}: ${a.reason}`).join('; '));
+        this.showError(__('No agent can run here: %1', agents.agents.map(a => `${a.display_name}: ${a.reason}`).join('; ')));
       }
     } catch (e) {
       this.showError(e);
@@ -192,9 +260,23 @@ export class AcpPanel extends Widget {
 
   /** Start a session with the selected agent (or `agent`), and open it. */
   async newSession(agent?: string): Promise<SessionInfo | null> {
+    if (this._pending) {
+      return null;
+    }
     this.showError(null);
     const name = agent ?? (this._agentSelect.value || this._defaultAgent);
+    // the session shown so far goes at once: nothing typed from now on can reach it
+    this.dropConnection();
     return this.creating(() => this.api.createSession(name, true));
+  }
+
+  /** Stop showing the current session (its socket closes; the session itself goes on). */
+  private dropConnection(): void {
+    this._conn?.dispose();
+    this._conn = null;
+    this._chat.clear();
+    this.drawSessions();
+    this.draw();
   }
 
   /**
@@ -205,7 +287,7 @@ export class AcpPanel extends Widget {
     if (this._pending) {
       return null;
     }
-    this.setPending('starting…');
+    this.setPending(__('starting…'));
     try {
       const session = await create();
       this._sessions = [session, ...this._sessions.filter(s => s.id !== session.id)];
@@ -246,11 +328,9 @@ export class AcpPanel extends Widget {
    * stored transcript, and the error says why.
    */
   private async resumeAndOpen(id: string): Promise<boolean> {
-    this._conn?.dispose();
-    this._conn = null;
-    this._log.replaceChildren();
+    this.dropConnection();
     this.showError(null);
-    this.setPending('resuming…', id);
+    this.setPending(__('resuming…'), id);
     let ok = false;
     try {
       const session = await this.api.resumeSession(id);
@@ -273,6 +353,7 @@ export class AcpPanel extends Widget {
       const conn = new SessionConnection(this.api, id);
       this._conn = conn;
       this._commandsSeen = [];
+      this._undos.clear();
       this._composer.clearImages();
       conn.changed.connect(() => this.schedule());
       conn.turnEnded.connect(() => {
@@ -280,7 +361,8 @@ export class AcpPanel extends Widget {
         this.onTurnEnd?.();
       });
       conn.sessionEnded.connect(() => void this.refreshUsage()); // (its list entry goes)
-      this._log.replaceChildren();
+      this._chat.clear();
+      this._stick = true;
     }
     this.drawSessions();
     this.schedule();
@@ -293,7 +375,7 @@ export class AcpPanel extends Widget {
       return false;
     }
     this.showError(null);
-    this.setPending('resuming…');
+    this.setPending(__('resuming…'));
     try {
       const session = await this.api.resumeSession(conn.id);
       this._sessions = this._sessions.map(s => (s.id === session.id ? session : s));
@@ -319,7 +401,7 @@ export class AcpPanel extends Widget {
     if (this._pending) {
       // a session is being created or resumed: this text is for neither the one shown before
       // nor, behind one's back, the new one
-      this.showError(`A session is ${this._pending.replace('…', '')}; send this again when it is ready.`);
+      this.showError(__('A session is on its way (%1); send this again when it is ready.', this._pending));
       return false;
     }
     const conn = this._conn;
@@ -345,6 +427,37 @@ export class AcpPanel extends Widget {
     return true;
   }
 
+  /**
+   * Undo one of the agent's notebook edits (its card's button). The card shows "Undone" when
+   * the server's `notebook:edit` record of the undo arrives; a conflict shows the server's reason.
+   */
+  async undoEdit(editId: string): Promise<boolean> {
+    const conn = this._conn;
+    if (!conn || this._undos.get(editId)?.busy) {
+      return false;
+    }
+    this._undos.set(editId, { busy: true, error: null });
+    this.refreshEdit(editId);
+    try {
+      await this.api.undoNotebookEdit(conn.id, editId);
+      return true; // (the button stays "Undoing…" until the undo's record marks the edit undone)
+    } catch (e) {
+      this._undos.set(editId, { busy: false, error: e instanceof Error ? e.message : String(e) });
+      return false;
+    } finally {
+      this.refreshEdit(editId);
+    }
+  }
+
+  /** Redraw the items showing the notebook edit `editId` (its undo state is the panel's). */
+  private refreshEdit(editId: string): void {
+    this._chat.refresh(
+      i =>
+        (i.kind === 'notebookEdit' && i.edit.editId === editId) ||
+        (i.kind === 'tool' && i.edits.some(e => e.editId === editId))
+    );
+  }
+
   private async setModel(value: string): Promise<void> {
     const conn = this._conn;
     if (!conn) {
@@ -355,6 +468,7 @@ export class AcpPanel extends Widget {
       this.showError(null);
     } catch (e) {
       this.showError(e);
+      this._bar.resetModels();
       this.schedule(); // back to the current one
     }
   }
@@ -380,9 +494,9 @@ export class AcpPanel extends Widget {
   private async deleteSession(id: string): Promise<void> {
     const info = this._sessions.find(s => s.id === id);
     const answer = await showDialog({
-      title: 'Delete this session?',
-      body: `“${info?.title || 'New session'}” and its history will be gone for good.`,
-      buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Delete' })]
+      title: __('Delete this session?'),
+      body: __('“%1” and its history will be gone for good.', info?.title || __('New session')),
+      buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: __('Delete') })]
     });
     if (!answer.button.accept) {
       return;
@@ -392,7 +506,7 @@ export class AcpPanel extends Widget {
       if (this._conn?.id === id) {
         this._conn.dispose();
         this._conn = null;
-        this._log.replaceChildren();
+        this._chat.clear();
       }
       this._sessions = this._sessions.filter(s => s.id !== id);
       this.drawSessions();
@@ -425,7 +539,8 @@ export class AcpPanel extends Widget {
   }
 
   private drawAgents(): void {
-    const selected = this._agentSelect.value || this._defaultAgent || '';
+    const preferred = this._agents.some(a => a.name === this._preferredAgent && a.available) ? this._preferredAgent : '';
+    const selected = this._agentSelect.value || preferred || this._defaultAgent || '';
     this._agentSelect.replaceChildren(
       ...this._agents.map(a =>
         h(
@@ -463,49 +578,19 @@ export class AcpPanel extends Widget {
     });
   }
 
-  /** Redraw the chat from the current view. */
+  /** Redraw the chat from the current view (only the parts whose inputs changed). */
   draw(): void {
     const conn = this._conn;
     const view = conn?.view;
     this.node.classList.toggle('jp-mod-noSession', !view);
     this._composer.setBusy(!!view && view.busy, !!view && view.busy);
-    const modeLabel = this._modeSelect.parentElement as HTMLElement;
-    const modelLabel = this._modelSelect.parentElement as HTMLElement;
+    this._starting.hidden = !(this._pending && !this._pendingId && !conn);
     if (!conn || !view) {
-      this._status.textContent = this._pending ?? 'No session open: pick an agent and start one, or just type.';
-      modeLabel.hidden = true;
-      modelLabel.hidden = true;
+      this._bar.showText(this._pending ?? __('No session open: pick an agent and start one, or just type.'));
+      this._working.hidden = true;
       return;
     }
-    const where =
-      this._pending ??
-      (conn.ended !== null
-        ? 'ended'
-        : conn.suspended
-          ? 'suspended'
-          : conn.connected
-            ? view.state === 'starting'
-              ? 'starting…'
-              : view.state
-            : 'reconnecting…');
-    const context = view.context?.size ? ` · context ${view.context.used ?? 0}/${view.context.size}` : '';
-    this._status.replaceChildren(
-      h('span', { className: 'jp-AcpPanel-agentName' }, view.agentDisplayName || view.agent || '…'),
-      ` · ${where}${view.error ? `: ${view.error}` : ''} · `,
-      h('span', { className: 'jp-AcpPanel-tokens', 'data-testid': 'acp-session-tokens' },
-        formatTokens(view.tokens.total_tokens)),
-      context
-    );
-    // (a suspended or ended session has no agent to switch: reopening it comes first)
-    const running = conn.ended === null && !conn.suspended && !NOT_RUNNING.has(view.state);
-    this._modeSelect.disabled = !running;
-    modeLabel.hidden = view.modes.length === 0;
-    if (view.modes.length) {
-      this._modeSelect.replaceChildren(
-        ...view.modes.map(m => h('option', { value: m.id, selected: m.id === view.currentMode }, m.name))
-      );
-    }
-    this.drawModels(view, modelLabel, running);
+    this._bar.show(conn, view, this._pending);
     if (view.commands !== this._commandsSeen) {
       this._commandsSeen = view.commands;
       this._composer.commandsChanged();
@@ -513,30 +598,30 @@ export class AcpPanel extends Widget {
     this.drawLog(view);
   }
 
-  private drawModels(view: SessionView, label: HTMLElement, running: boolean): void {
-    const models = view.models;
-    label.hidden = !models || models.available.length === 0;
-    if (!models) {
-      return;
-    }
-    this._modelSelect.replaceChildren(
-      ...models.available.map(m =>
-        h('option', { value: m.value, title: m.description || undefined, selected: m.value === models.current }, m.name)
-      )
-    );
-    this._modelSelect.value = models.current;
-    this._modelSelect.disabled = !running || view.busy || !!this._pending;
-  }
-
   private drawLog(view: SessionView): void {
     const log = this._log;
-    const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
-    log.replaceChildren(...view.items.map(item => drawItem(item, view.workspace, this._conn)));
-    if (view.busy) {
-      log.append(h('div', { className: 'jp-AcpPanel-working' }, 'The agent is working…'));
+    this._stick ||= log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+    this._chat.update(view.items, view.busy);
+    this._working.hidden = !view.busy;
+    this.followBottom();
+  }
+
+  /**
+   * Keep the log at its bottom while content lands, if the reader was there (they scrolled
+   * nowhere else) and is not selecting text in it.
+   */
+  private followBottom(): void {
+    const log = this._log;
+    if (!this._autoScroll || !this._stick) {
+      return;
     }
-    if (atBottom) {
+    const selection = document.getSelection();
+    if (selection && !selection.isCollapsed && log.contains(selection.anchorNode)) {
+      return;
+    }
+    if (log.scrollHeight - log.scrollTop - log.clientHeight > 1) {
       log.scrollTop = log.scrollHeight;
+      this._ownScroll = log.scrollTop;
     }
   }
 }

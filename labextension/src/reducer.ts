@@ -6,6 +6,22 @@
  * function: events whose `seq` was already applied are ignored, which makes replays idempotent.
  */
 
+import {
+  adoptEdits,
+  applyNotebookEdit,
+  NOTEBOOK_TOOL_PREFIX,
+  NotebookEdit,
+  notebookToolTitle,
+  outputText,
+  permissionCode,
+  str,
+  toolName
+} from './notebookEdits';
+import { applyTerminalOutput, TerminalState } from './terminals';
+
+export type { NotebookEdit } from './notebookEdits';
+export { notebookToolTitle } from './notebookEdits';
+
 export interface TokenCounts {
   input_tokens: number;
   output_tokens: number;
@@ -36,6 +52,7 @@ export interface TerminalContent {
 }
 
 export type ToolContent = DiffContent | TextContent | TerminalContent;
+
 
 export interface PlanEntry {
   content: string;
@@ -71,31 +88,51 @@ export interface ModelState {
   available: { value: string; name: string; description: string }[];
 }
 
+/**
+ * One entry of the chat. `key` is stable for the item's whole life (see the table in
+ * docs/plan: `u:<seq>`, `a:<seq>`, `tool:<toolCallId>`, …), so the log can patch its node in
+ * place; an item that did not change keeps its object identity from one view to the next.
+ */
 export type ChatItem =
-  | { kind: 'user'; text: string; turn: number | null; attachments?: Attachment[] }
-  | { kind: 'agent'; text: string }
-  | { kind: 'thought'; text: string }
+  | { kind: 'user'; key: string; text: string; turn: number | null; attachments?: Attachment[] }
+  | { kind: 'agent'; key: string; text: string }
+  | { kind: 'thought'; key: string; text: string }
   | {
       kind: 'tool';
+      key: string;
       toolCallId: string;
       title: string;
       toolKind: string;
       status: string;
       content: ToolContent[];
       locations: string[];
+      /** `_meta.toolName` (e.g. mcp__jupyter__insert_cell), "" when the agent gives none */
+      toolName: string;
+      /** The call's arguments, once known (Qwen sends `{}` first, the permission has them). */
+      args: Record<string, unknown> | null;
+      /** `rawOutput` as text (bounded), to find the notebook edits the output names. */
+      output: string;
+      /** The notebook edits this call made (matched by the `edit_id` its output names). */
+      edits: NotebookEdit[];
     }
-  | { kind: 'plan'; entries: PlanEntry[] }
+  | { kind: 'plan'; key: string; entries: PlanEntry[] }
+  | { kind: 'notebookEdit'; key: string; edit: NotebookEdit }
   | {
       kind: 'permission';
+      key: string;
       requestId: string;
       title: string;
       toolKind: string;
+      /** Code to show before the answer (a notebook run's code, a cell's new source), or null. */
+      code: string | null;
       options: PermissionOption[];
       resolved: null | { outcome: string; optionId: string | null; by: string };
     }
-  | { kind: 'turn'; stopReason: string; totalTokens: number; duration: number | null }
-  | { kind: 'error'; message: string }
-  | { kind: 'notice'; text: string };
+  | { kind: 'turn'; key: string; stopReason: string; totalTokens: number; duration: number | null }
+  | { kind: 'error'; key: string; message: string }
+  | { kind: 'notice'; key: string; text: string };
+
+export type { TerminalState } from './terminals';
 
 export interface SessionView {
   /** The session's id and agent from the `hello` frame (null before it). */
@@ -132,6 +169,8 @@ export interface SessionView {
   pendingPermissions: string[];
   /** True while a turn runs (state `busy`). */
   busy: boolean;
+  /** The latest output of each terminal the agent ran (tool cards show the one they reference). */
+  terminals: Record<string, TerminalState>;
 }
 
 export function emptyView(): SessionView {
@@ -157,7 +196,8 @@ export function emptyView(): SessionView {
     models: null,
     restore: null,
     pendingPermissions: [],
-    busy: false
+    busy: false,
+    terminals: {}
   };
 }
 
@@ -173,11 +213,19 @@ export interface Frame {
 export const TRUNCATED_NOTICE = 'Older messages were dropped by the server';
 
 const num = (v: unknown): number => (typeof v === 'number' && isFinite(v) ? v : 0);
-const str = (v: unknown, fallback = ''): string => (typeof v === 'string' ? v : fallback);
 
-function toolTitle(call: any): string {
+const nonEmpty = (v: unknown): Record<string, unknown> | null =>
+  v && typeof v === 'object' && !Array.isArray(v) && Object.keys(v).length ? (v as Record<string, unknown>) : null;
+
+function toolTitle(call: any, args: Record<string, unknown> | null = nonEmpty(call?.rawInput)): string {
+  const name = toolName(call);
+  if (name.startsWith(NOTEBOOK_TOOL_PREFIX)) {
+    return notebookToolTitle(name.slice(NOTEBOOK_TOOL_PREFIX.length), args);
+  }
   return str(call?.title, str(call?.toolCallId, 'tool call'));
 }
+
+export type ToolItem = Extract<ChatItem, { kind: 'tool' }>;
 
 function normaliseContent(raw: unknown): ToolContent[] {
   if (!Array.isArray(raw)) {
@@ -221,7 +269,7 @@ function blockText(content: any): string {
 }
 
 /** Append streamed text to the last item when it is of the same kind, else start a new one. */
-function appendChunk(items: ChatItem[], kind: 'agent' | 'thought', text: string): ChatItem[] {
+function appendChunk(items: ChatItem[], kind: 'agent' | 'thought', text: string, seq: number): ChatItem[] {
   if (!text) {
     return items; // e.g. Qwen Code's empty chunks that only carry `_meta.usage`
   }
@@ -229,52 +277,76 @@ function appendChunk(items: ChatItem[], kind: 'agent' | 'thought', text: string)
   if (last && last.kind === kind) {
     return [...items.slice(0, -1), { ...last, text: last.text + text }];
   }
-  return [...items, { kind, text }];
+  return [...items, { kind, key: `${kind === 'agent' ? 'a' : 't'}:${seq}`, text }];
 }
 
-function applyUpdate(view: SessionView, u: any): SessionView {
+/** The streamed text updates, and the kind of item each one grows. */
+const CHUNK_KINDS: Record<string, 'agent' | 'thought'> = {
+  agent_message_chunk: 'agent',
+  agent_thought_chunk: 'thought'
+};
+
+function applyUpdate(view: SessionView, u: any, seq: number): SessionView {
   switch (u?.sessionUpdate) {
     case 'agent_message_chunk':
-      return { ...view, items: appendChunk(view.items, 'agent', blockText(u.content)) };
     case 'agent_thought_chunk':
-      return { ...view, items: appendChunk(view.items, 'thought', blockText(u.content)) };
+      return { ...view, items: appendChunk(view.items, CHUNK_KINDS[u.sessionUpdate], blockText(u.content), seq) };
     case 'user_message_chunk':
       return view; // our own prompts arrive as `chat:message`
     case 'tool_call': {
-      const item: ChatItem = {
+      const id = str(u.toolCallId);
+      const at = view.items.findIndex(i => i.kind === 'tool' && i.toolCallId === id);
+      const old = at >= 0 ? (view.items[at] as ToolItem) : null;
+      const args = nonEmpty(u.rawInput) ?? old?.args ?? null;
+      const item: ToolItem = {
         kind: 'tool',
-        toolCallId: str(u.toolCallId),
-        title: toolTitle(u),
+        key: `tool:${id}`,
+        toolCallId: id,
+        title: toolTitle(u, args),
         toolKind: str(u.kind, 'other'),
         status: str(u.status, 'pending'),
         content: normaliseContent(u.content),
-        locations: locations(u.locations)
+        locations: locations(u.locations),
+        toolName: toolName(u),
+        args,
+        output: outputText(u.rawOutput),
+        edits: old?.edits ?? []
       };
-      const at = view.items.findIndex(i => i.kind === 'tool' && i.toolCallId === item.toolCallId);
+      const items = view.items.slice();
       if (at >= 0) {
-        const items = view.items.slice();
         items[at] = item;
-        return { ...view, items };
+      } else {
+        items.push(item);
       }
-      return { ...view, items: [...view.items, item] };
+      return { ...view, items: adoptEdits(items, at >= 0 ? at : items.length - 1) };
     }
     case 'tool_call_update': {
       const id = str(u.toolCallId);
       const at = view.items.findIndex(i => i.kind === 'tool' && i.toolCallId === id);
       if (at < 0) {
-        return applyUpdate(view, { ...u, sessionUpdate: 'tool_call' });
+        return applyUpdate(view, { ...u, sessionUpdate: 'tool_call' }, seq);
       }
-      const old = view.items[at] as Extract<ChatItem, { kind: 'tool' }>;
+      const old = view.items[at] as ToolItem;
       const items = view.items.slice();
+      const name = toolName(u) || old.toolName;
+      const args = nonEmpty(u.rawInput) ?? old.args;
+      const notebook = name.startsWith(NOTEBOOK_TOOL_PREFIX);
       items[at] = {
         ...old,
-        title: typeof u.title === 'string' ? u.title : old.title,
+        toolName: name,
+        args,
+        title: notebook
+          ? toolTitle({ _meta: { toolName: name } }, args)
+          : typeof u.title === 'string'
+            ? u.title
+            : old.title,
         toolKind: typeof u.kind === 'string' ? u.kind : old.toolKind,
         status: typeof u.status === 'string' ? u.status : old.status,
         content: Array.isArray(u.content) ? normaliseContent(u.content) : old.content,
-        locations: Array.isArray(u.locations) ? locations(u.locations) : old.locations
+        locations: Array.isArray(u.locations) ? locations(u.locations) : old.locations,
+        output: u.rawOutput !== undefined ? outputText(u.rawOutput) : old.output
       };
-      return { ...view, items };
+      return { ...view, items: adoptEdits(items, at) };
     }
     case 'plan': {
       const entries: PlanEntry[] = (Array.isArray(u.entries) ? u.entries : []).map((e: any) => ({
@@ -292,9 +364,9 @@ function applyUpdate(view: SessionView, u: any): SessionView {
       const at = view.items.findIndex((i, n) => n > lastUser && i.kind === 'plan');
       const items = view.items.slice();
       if (at >= 0) {
-        items[at] = { kind: 'plan', entries };
+        items[at] = { kind: 'plan', key: view.items[at].key, entries };
       } else {
-        items.push({ kind: 'plan', entries });
+        items.push({ kind: 'plan', key: `plan:${seq}`, entries });
       }
       return { ...view, items };
     }
@@ -369,11 +441,14 @@ function attachments(raw: unknown): Attachment[] {
 }
 
 function permissionItem(data: any): Extract<ChatItem, { kind: 'permission' }> {
+  const requestId = str(data?.request_id);
   return {
     kind: 'permission',
-    requestId: str(data?.request_id),
+    key: `perm:${requestId}`,
+    requestId,
     title: toolTitle(data?.tool_call),
     toolKind: str(data?.tool_call?.kind, 'other'),
+    code: permissionCode(data?.tool_call),
     options: (Array.isArray(data?.options) ? data.options : []).map((o: any) => ({
       optionId: str(o?.optionId),
       name: str(o?.name, str(o?.optionId)),
@@ -381,6 +456,29 @@ function permissionItem(data: any): Extract<ChatItem, { kind: 'permission' }> {
     })),
     resolved: null
   };
+}
+
+/**
+ * Give a tool card the arguments its permission request carries (Qwen's `tool_call` had
+ * `rawInput: {}`), so that a notebook tool's card can say what it does.
+ */
+function withCallArgs(items: ChatItem[], call: any): ChatItem[] {
+  const args = nonEmpty(call?.rawInput);
+  const id = str(call?.toolCallId);
+  const at = args && id ? items.findIndex(i => i.kind === 'tool' && i.toolCallId === id) : -1;
+  if (at < 0) {
+    return items;
+  }
+  const tool = items[at] as ToolItem;
+  const name = tool.toolName || toolName(call);
+  const out = items.slice();
+  out[at] = {
+    ...tool,
+    toolName: name,
+    args: tool.args ?? args,
+    title: name.startsWith(NOTEBOOK_TOOL_PREFIX) ? toolTitle({ _meta: { toolName: name } }, tool.args ?? args) : tool.title
+  };
+  return out;
 }
 
 /** What the agent offers, from a session model (`hello`, or the answer to POST resume). */
@@ -472,9 +570,15 @@ export function reduce(view: SessionView, frame: Frame): SessionView {
       case 'history:end':
         return { ...view, replaying: false };
       case 'history:truncated': // the replay starts after events the server no longer keeps
-        return { ...view, items: [...view.items, { kind: 'notice', text: TRUNCATED_NOTICE }] };
+        return {
+          ...view,
+          items: [...view.items, { kind: 'notice', key: `note:x${view.items.length}`, text: TRUNCATED_NOTICE }]
+        };
       case 'error': // a reply to this socket only (bad frame, busy, quota): show it
-        return { ...view, items: [...view.items, { kind: 'error', message: str(data.message, 'Error') }] };
+        return {
+          ...view,
+          items: [...view.items, { kind: 'error', key: `err:x${view.items.length}`, message: str(data.message, 'Error') }]
+        };
       default:
         return view; // pong, unknown control frames
     }
@@ -494,13 +598,14 @@ export function reduce(view: SessionView, frame: Frame): SessionView {
     case 'chat:message': {
       const files = attachments(data.attachments);
       const text = str(data.text, str(data.message));
+      const key = `u:${frame.seq}`;
       const item: ChatItem = files.length
-        ? { kind: 'user', text, turn: data.turn ?? null, attachments: files }
-        : { kind: 'user', text, turn: data.turn ?? null };
+        ? { kind: 'user', key, text, turn: data.turn ?? null, attachments: files }
+        : { kind: 'user', key, text, turn: data.turn ?? null };
       return { ...next, title: next.title || text.split('\n')[0].slice(0, 100), items: [...next.items, item] };
     }
     case 'session/update':
-      return applyUpdate(next, data);
+      return applyUpdate(next, data, frame.seq);
     case 'permission:request': {
       const item = permissionItem(data);
       if (next.items.some(i => i.kind === 'permission' && i.requestId === item.requestId)) {
@@ -508,7 +613,7 @@ export function reduce(view: SessionView, frame: Frame): SessionView {
       }
       return {
         ...next,
-        items: [...next.items, item],
+        items: [...withCallArgs(next.items, data?.tool_call), item],
         pendingPermissions: [...next.pendingPermissions, item.requestId]
       };
     }
@@ -551,6 +656,7 @@ export function reduce(view: SessionView, frame: Frame): SessionView {
           ...next.items,
           {
             kind: 'turn',
+            key: `turn:${frame.seq}`,
             stopReason: str(data.stop_reason, 'end_turn'),
             totalTokens: num(usage.total_tokens),
             duration: typeof data.duration === 'number' ? data.duration : null
@@ -558,18 +664,65 @@ export function reduce(view: SessionView, frame: Frame): SessionView {
         ]
       };
     }
+    case 'notebook:edit':
+      return { ...next, items: applyNotebookEdit(next.items, data) };
     case 'error':
-      return { ...next, items: [...next.items, { kind: 'error', message: str(data.message, 'Error') }] };
+      return {
+        ...next,
+        items: [...next.items, { kind: 'error', key: `err:${frame.seq}`, message: str(data.message, 'Error') }]
+      };
     case 'cancel':
-      return { ...next, items: [...next.items, { kind: 'notice', text: 'Cancel requested' }] };
+      return { ...next, items: [...next.items, { kind: 'notice', key: `note:${frame.seq}`, text: 'Cancel requested' }] };
+    case 'terminal:output':
+      return applyTerminalOutput(next, data);
     default:
       return next;
   }
 }
 
-/** Apply many frames in order (history replay, tests). */
-export function reduceAll(view: SessionView, frames: Frame[]): SessionView {
-  return frames.reduce(reduce, view);
+/** The kind of item a streamed text chunk frame adds to, or null for any other frame. */
+function chunkKind(frame: Frame): 'agent' | 'thought' | null {
+  if (frame?.type !== 'session/update' || typeof frame.seq !== 'number') {
+    return null;
+  }
+  const update = frame.data?.sessionUpdate;
+  return Object.prototype.hasOwnProperty.call(CHUNK_KINDS, update) ? CHUNK_KINDS[update] : null;
+}
+
+/**
+ * Apply many frames in order (a burst from the socket, a history replay): the same view as
+ * `reduce` frame by frame. A run of streamed chunks of one kind is appended at once, so the
+ * items are copied once per run instead of once per chunk (a reply streamed in 2,000 chunks
+ * into a long conversation used to copy its items 2,000 times).
+ */
+export function reduceAll(view: SessionView, frames: readonly Frame[]): SessionView {
+  let i = 0;
+  while (i < frames.length) {
+    const kind = chunkKind(frames[i]);
+    if (kind === null) {
+      view = reduce(view, frames[i]);
+      i++;
+      continue;
+    }
+    let text = '';
+    let first = 0; // the seq of the first chunk with text: the key of an item it starts
+    let last = view.lastSeq;
+    for (; i < frames.length && chunkKind(frames[i]) === kind; i++) {
+      const seq = frames[i].seq as number;
+      if (seq > last) {
+        last = seq;
+        const piece = blockText(frames[i].data.content);
+        if (piece && !text) {
+          first = seq;
+        }
+        text += piece;
+      }
+    }
+    if (last !== view.lastSeq) {
+      view = { ...view, lastSeq: last, items: appendChunk(view.items, kind, text, first) };
+    }
+  }
+  return view;
 }
 
 /** The turn's running text for the panel's status line, e.g. "1,234 tokens". */

@@ -42,7 +42,7 @@ describe('SessionConnection', () => {
     expect(conn.ended).toBe(REASON);
     expect(conn.connected).toBe(false);
     expect(conn.view.state).toBe('stopped');
-    expect(conn.view.items.filter(i => i.kind === 'error')).toEqual([{ kind: 'error', message: REASON }]);
+    expect(conn.view.items.filter(i => i.kind === 'error')).toMatchObject([{ kind: 'error', message: REASON }]);
     // a prompt to it goes nowhere (the panel starts a new session instead)
     conn.prompt('hello?');
     expect(socket.sent).toEqual([]);
@@ -56,7 +56,7 @@ describe('SessionConnection', () => {
     vi.advanceTimersByTime(60_000);
     expect(FakeSocket.made).toHaveLength(1);
     expect(conn.ended).toBe(GONE_MESSAGE);
-    expect(conn.view.items).toEqual([{ kind: 'error', message: GONE_MESSAGE }]);
+    expect(conn.view.items).toMatchObject([{ kind: 'error', message: GONE_MESSAGE }]);
     conn.dispose();
   });
 });

@@ -283,9 +283,9 @@ describe('reduce', () => {
     expect(view.state).toBe('error');
     expect(view.error).toBe('The agent ran out of memory');
     expect(view.items).toEqual([
-      { kind: 'error', message: 'The agent stopped during the turn: killed' },
-      { kind: 'error', message: 'The agent is still answering the previous message' },
-      { kind: 'notice', text: 'Cancel requested' }
+      { kind: 'error', key: 'err:2', message: 'The agent stopped during the turn: killed' },
+      { kind: 'error', key: 'err:x1', message: 'The agent is still answering the previous message' },
+      { kind: 'notice', key: 'note:3', text: 'Cancel requested' }
     ]);
   });
 
@@ -320,9 +320,184 @@ describe('reduce', () => {
   });
 });
 
+const update = (u: Record<string, unknown>): Frame => ev('session/update', u);
+const keys = (view: SessionView): string[] => view.items.map(i => i.key);
+
+describe('item keys and identity', () => {
+  it('gives every item the key of the contract', () => {
+    seq = 0;
+    const view = reduceAll(reduce(emptyView(), hello({ pending_permissions: [{ request_id: 'rp', tool_call: {}, options: [] }] })), [
+      { type: 'history:end', data: {} },
+      ev('chat:message', { text: 'hi', turn: 1 }), // 1
+      update({ sessionUpdate: 'agent_thought_chunk', content: { type: 'text', text: 'hm' } }), // 2
+      update({ sessionUpdate: 'agent_thought_chunk', content: { type: 'text', text: 'm' } }), // 3
+      chunk('Hel'), // 4
+      chunk('lo'), // 5
+      update({ sessionUpdate: 'plan', entries: [{ content: 'a' }] }), // 6
+      update({ sessionUpdate: 'tool_call', toolCallId: 'c1', title: 'Write', kind: 'edit' }), // 7
+      update({ sessionUpdate: 'plan', entries: [{ content: 'a' }, { content: 'b' }] }), // 8
+      ev('permission:request', { request_id: 'r1', tool_call: { toolCallId: 'c1' }, options: [] }), // 9
+      ev('notebook:edit', { edit_id: 'e1', tool: 'insert_cell', path: 'nb.ipynb' }), // 10
+      ev('error', { message: 'x' }), // 11
+      ev('cancel', {}), // 12
+      ev('chat:response', { stop_reason: 'end_turn', turn: 1 }), // 13
+      { type: 'history:truncated', data: {} }
+    ]);
+    expect(keys(view)).toEqual([
+      'perm:rp',
+      'u:1',
+      't:2',
+      'a:4',
+      'plan:6',
+      'tool:c1',
+      'perm:r1',
+      'edit:e1',
+      'err:11',
+      'note:12',
+      'turn:13',
+      'note:x11'
+    ]);
+    expect(only(view, 'plan')[0].entries).toHaveLength(2);
+  });
+
+  it('keeps the identity of every item a frame did not change', () => {
+    seq = 0;
+    let view = reduceAll(reduce(emptyView(), hello()), [
+      ev('chat:message', { text: 'hi', turn: 1 }),
+      update({ sessionUpdate: 'tool_call', toolCallId: 'c1', title: 'Write', kind: 'edit', status: 'pending' }),
+      chunk('a')
+    ]);
+    const check = (frame: Frame, changed: string[]): void => {
+      const before = view;
+      view = reduce(view, frame);
+      for (const item of view.items) {
+        const old = before.items.find(i => i.key === item.key);
+        if (changed.includes(item.key)) {
+          expect(item).not.toBe(old);
+        } else {
+          expect(item).toBe(old);
+        }
+      }
+    };
+    check(chunk('b'), ['a:3']);
+    check(update({ sessionUpdate: 'tool_call_update', toolCallId: 'c1', status: 'completed' }), ['tool:c1']);
+    check(ev('permission:request', { request_id: 'r', tool_call: { toolCallId: 'zz' }, options: [] }), ['perm:r']);
+    check(ev('permission:resolved', { request_id: 'r', outcome: 'selected', option_id: 'x' }), ['perm:r']);
+    check(ev('notebook:edit', { edit_id: 'e1', tool: 'insert_cell', path: 'nb.ipynb', undoable: true }), ['edit:e1']);
+    check(ev('notebook:edit', { edit_id: 'e2', tool: 'insert_cell', path: 'nb.ipynb', undoable: true }), ['edit:e2']);
+    check(ev('notebook:edit', { edit_id: 'u1', tool: 'undo', undoes: 'e1', path: 'nb.ipynb' }), ['edit:e1', 'edit:u1']);
+    check(ev('chat:response', { stop_reason: 'end_turn', turn: 1 }), [`turn:${seq}`]);
+    expect(view.items.find(i => i.key === 'a:3')).toMatchObject({ text: 'ab' });
+  });
+
+  it('drops the key of an edit its tool card adopts', () => {
+    seq = 0;
+    const view = reduceAll(emptyView(), [
+      update({ sessionUpdate: 'tool_call', toolCallId: 'c', title: 't', kind: 'edit' }),
+      ev('notebook:edit', { edit_id: 'e7', tool: 'insert_cell', path: 'nb.ipynb' }),
+      update({ sessionUpdate: 'tool_call_update', toolCallId: 'c', rawOutput: { edit_id: 'e7' } })
+    ]);
+    expect(keys(view)).toEqual(['tool:c']);
+  });
+});
+
+describe('terminal:output', () => {
+  const term = (id: string, output: string, exit: unknown = null): Frame =>
+    ev('terminal:output', { terminal_id: id, output, truncated: false, exit_status: exit });
+
+  it('keeps the latest output and re-emits the card that shows it', () => {
+    seq = 0;
+    let view = reduceAll(emptyView(), [
+      update({
+        sessionUpdate: 'tool_call',
+        toolCallId: 'c',
+        title: 'ls',
+        kind: 'execute',
+        content: [{ type: 'terminal', terminalId: 't1' }]
+      }),
+      chunk('x')
+    ]);
+    const [card, text] = view.items;
+    view = reduce(view, term('t1', 'a\n'));
+    expect(view.terminals.t1).toEqual({ output: 'a\n', truncated: false, exitStatus: null });
+    expect(view.items[0]).not.toBe(card);
+    expect(view.items[0].key).toBe('tool:c');
+    expect(view.items[1]).toBe(text);
+    view = reduce(view, term('t1', 'a\nb\n', { exit_code: 0, signal: null }));
+    expect(view.terminals.t1.output).toBe('a\nb\n');
+    expect(view.terminals.t1.exitStatus).toEqual({ exitCode: 0, signal: null });
+  });
+
+  it('stores the output of a terminal no card shows yet', () => {
+    seq = 0;
+    const before = reduce(emptyView(), chunk('x'));
+    const view = reduce(before, term('t9', 'later'));
+    expect(view.items).toBe(before.items);
+    expect(view.terminals.t9.output).toBe('later');
+  });
+});
+
 describe('formatTokens', () => {
   it('groups digits and pluralises', () => {
     expect(formatTokens(1)).toBe('1 token');
     expect(formatTokens(1234)).toBe('1,234 tokens');
+  });
+});
+
+describe('reduceAll', () => {
+  /** A deterministic pseudo-random stream: chunks of both kinds (some empty, some links, some
+   * replayed), tool calls, prompts and turn ends, in the shapes the server sends. */
+  function stream(seed: number, n: number): Frame[] {
+    let x = seed;
+    const rand = (k: number): number => {
+      x = (x * 1103515245 + 12345) % 2147483648;
+      return x % k;
+    };
+    const frames: Frame[] = [hello()];
+    let s = 0;
+    for (let i = 0; i < n; i++) {
+      const r = rand(20);
+      const at = r === 0 && s > 2 ? s - 1 - rand(3) : ++s; // sometimes a seq already seen
+      const frame = (type: string, data: any): Frame => ({ type, seq: at, time: 1700000000 + at, data });
+      if (r < 9) {
+        const text = ['', 'a', 'bc ', '\n', '**x**'][rand(5)];
+        frames.push(frame('session/update', { sessionUpdate: 'agent_message_chunk', content: { type: 'text', text } }));
+      } else if (r < 12) {
+        frames.push(frame('session/update', { sessionUpdate: 'agent_thought_chunk', content: { type: 'text', text: 't' } }));
+      } else if (r < 13) {
+        const content = { type: 'resource_link', name: 'f', uri: 'file:///w/f' };
+        frames.push(frame('session/update', { sessionUpdate: 'agent_message_chunk', content }));
+      } else if (r < 15) {
+        frames.push(frame('session/update', { sessionUpdate: 'tool_call', toolCallId: `c${rand(3)}`, title: 'x', status: 'pending' }));
+      } else if (r < 17) {
+        frames.push(frame('chat:message', { text: 'q' }));
+      } else if (r < 18) {
+        frames.push(frame('chat:response', { stop_reason: 'end_turn', usage: { total_tokens: 3 } }));
+      } else {
+        frames.push(frame('session/update', { sessionUpdate: 'agent_message_chunk' })); // no content
+      }
+    }
+    frames.push({ type: 'history:end', data: {} });
+    return frames;
+  }
+
+  it('gives the same view as reducing frame by frame, keys included', () => {
+    for (let seed = 1; seed <= 200; seed++) {
+      const frames = stream(seed, 60);
+      const one = frames.reduce(reduce, emptyView());
+      const all = reduceAll(emptyView(), frames);
+      expect(all).toEqual(one);
+      // and split at any point (two socket messages), on top of an earlier view
+      const cut = seed % frames.length;
+      expect(reduceAll(reduceAll(emptyView(), frames.slice(0, cut)), frames.slice(cut))).toEqual(one);
+    }
+  });
+
+  it('appends a run of chunks at once and leaves the earlier items alone', () => {
+    const before = reduceAll(emptyView(), [hello(), ev('chat:message', { text: 'q' }), chunk('a')]);
+    const after = reduceAll(before, [chunk('b'), chunk(''), chunk('c')]);
+    expect(after.items.map(i => (i.kind === 'agent' ? i.text : i.kind))).toEqual(['user', 'abc']);
+    expect(after.items[0]).toBe(before.items[0]);
+    expect(reduceAll(after, [])).toBe(after);
   });
 });

@@ -1,79 +1,75 @@
+// @vitest-environment jsdom
 /**
- * The pure rendering helpers: safe Markdown, tool-call diffs, and the "send selection" prompt.
+ * The pure rendering helpers: the code blocks' toolbar and the "send selection" prompt.
  */
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 
-import { diffLines } from '../src/diff';
-import { escapeHtml, renderMarkdown } from '../src/markdown';
+vi.mock('@jupyterlab/apputils', () => ({ Clipboard: { copyToSystem: () => undefined } }));
+
+import { addCodeToolbars, CodeActions, codeOf } from '../src/render/codeActions';
 import { formatSelection } from '../src/prompt';
 
-describe('renderMarkdown', () => {
-  it('renders the common constructs', () => {
-    expect(renderMarkdown('Hello **world**, `x < y` and *this*')).toBe(
-      '<p>Hello <strong>world</strong>, <code>x &lt; y</code> and <em>this</em></p>'
-    );
-    expect(renderMarkdown('# Title\n\n- a\n- b\n\n1. one')).toBe(
-      '<h3>Title</h3><ul><li>a</li><li>b</li></ul><ol><li>one</li></ol>'
-    );
-    expect(renderMarkdown('```python\nprint("<hi>")\n```')).toBe(
-      '<pre data-lang="python"><code>print(&quot;&lt;hi&gt;&quot;)</code></pre>'
-    );
-  });
+function fakeActions(notebook: boolean): CodeActions & { calls: string[] } {
+  const calls: string[] = [];
+  return {
+    calls,
+    copy: async code => {
+      calls.push(`copy ${code}`);
+    },
+    unavailable: () => (notebook ? null : 'Open a notebook to use this'),
+    insert: (code, where) => calls.push(`insert ${where} ${code}`),
+    replace: code => calls.push(`replace ${code}`)
+  };
+}
 
-  it('never lets HTML from the agent through', () => {
-    const html = renderMarkdown('<img src=x onerror=alert(1)> <script>alert(2)</script> **<b>x</b>**');
-    expect(html).not.toMatch(/<img|<script|<b>/);
-    expect(html).toContain('&lt;img src=x onerror=alert(1)&gt;');
-  });
+function rendered(): HTMLElement {
+  const host = document.createElement('div');
+  // (as the highlighter leaves it: spans inside code, a final newline)
+  host.innerHTML =
+    '<p>Run:</p><pre><code class="language-python"><span class="tok-keyword">import</span> os\nprint(1)\n</code></pre><p>done</p>';
+  return host;
+}
 
-  it('links only http(s) and mailto targets', () => {
-    expect(renderMarkdown('[docs](https://example.org/a?b=1&c=2)')).toBe(
-      '<p><a href="https://example.org/a?b=1&amp;c=2" target="_blank" rel="noopener noreferrer">docs</a></p>'
-    );
-    expect(renderMarkdown('[bad](javascript:alert(1))')).not.toContain('<a ');
-  });
-
-  it('shows a code fence still being streamed as an open code block', () => {
-    expect(renderMarkdown('Here:\n```\nline 1')).toBe('<p>Here:</p><pre><code>line 1</code></pre>');
-  });
-
-  it('keeps code spans literal', () => {
-    expect(renderMarkdown('`**not bold**`')).toBe('<p><code>**not bold**</code></p>');
-    expect(escapeHtml(`"'&`)).toBe('&quot;&#39;&amp;');
-  });
-});
-
-describe('diffLines', () => {
-  it('shows a new file as added lines', () => {
-    expect(diffLines(null, 'a\nb')).toEqual([
-      { op: '+', text: 'a' },
-      { op: '+', text: 'b' }
+describe('code block toolbar', () => {
+  it('offers Copy, Insert above / below and Replace active cell on each code block, once', async () => {
+    const host = rendered();
+    const actions = fakeActions(true);
+    addCodeToolbars(host, actions);
+    addCodeToolbars(host, actions);
+    const bars = host.querySelectorAll('.jp-AcpCode-toolbar');
+    expect(bars).toHaveLength(1);
+    expect(bars[0].previousElementSibling!.tagName).toBe('PRE');
+    const buttons = [...bars[0].querySelectorAll('button')];
+    expect(buttons.map(b => b.textContent)).toEqual(['Copy', 'Insert above', 'Insert below', 'Replace active cell']);
+    expect(buttons.every(b => !b.disabled)).toBe(true);
+    for (const b of buttons) {
+      b.click();
+    }
+    await Promise.resolve();
+    expect(actions.calls).toEqual([
+      'copy import os\nprint(1)',
+      'insert above import os\nprint(1)',
+      'insert below import os\nprint(1)',
+      'replace import os\nprint(1)'
     ]);
   });
 
-  it('trims the unchanged part to a little context', () => {
-    const old = ['1', '2', '3', '4', '5', '6', '7'].join('\n');
-    const next = ['1', '2', '3', 'four', '5', '6', '7'].join('\n');
-    expect(diffLines(old, next, 1)).toEqual([
-      { op: '…', text: '2 unchanged lines' },
-      { op: ' ', text: '3' },
-      { op: '-', text: '4' },
-      { op: '+', text: 'four' },
-      { op: ' ', text: '5' },
-      { op: '…', text: '2 unchanged lines' }
+  it('disables the notebook buttons, saying why, when no notebook is open', () => {
+    const host = rendered();
+    addCodeToolbars(host, fakeActions(false));
+    const [copy, ...notebook] = [...host.querySelectorAll('.jp-AcpCode-toolbar button')] as HTMLButtonElement[];
+    expect(copy.disabled).toBe(false);
+    expect(notebook.map(b => [b.disabled, b.title])).toEqual([
+      [true, 'Open a notebook to use this'],
+      [true, 'Open a notebook to use this'],
+      [true, 'Open a notebook to use this']
     ]);
   });
 
-  it('does not show the final newline as an empty line', () => {
-    expect(diffLines('', 'hi\n')).toEqual([{ op: '+', text: 'hi' }]);
-    expect(diffLines('a\n', 'b\n')).toEqual([
-      { op: '-', text: 'a' },
-      { op: '+', text: 'b' }
-    ]);
-  });
-
-  it('is empty when nothing changed', () => {
-    expect(diffLines('same', 'same', 0)).toEqual([{ op: '…', text: '1 unchanged line' }]);
+  it('takes the code without its final newline', () => {
+    const pre = document.createElement('pre');
+    pre.textContent = 'x = 1\n';
+    expect(codeOf(pre)).toBe('x = 1');
   });
 });
 

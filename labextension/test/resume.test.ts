@@ -60,7 +60,7 @@ describe('reduce (issue 18 fields)', () => {
         configOptions: [{ id: 'model', currentValue: 'demo-large' }] } }
     ]);
     expect(view.items).toEqual([{
-      kind: 'user', text: 'read @notes.md', turn: 1,
+      kind: 'user', key: 'u:1', text: 'read @notes.md', turn: 1,
       attachments: [{ type: 'resource', name: 'notes.md', uri: 'file:///w/notes.md', size: 12 }]
     }]);
     expect(view.title).toBe('read @notes.md');
