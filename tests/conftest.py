@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+import tempfile
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,54 @@ def acp_require_backend(kind: str) -> None:
         from test_docker_sandbox import require_docker
 
         require_docker()
+
+
+#: The lock file that keeps heavy tests from browser tests, made by the xdist controller.
+LOCK = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # (the controller, or a run without xdist)
+        fd, path = tempfile.mkstemp(prefix="jupyter-acp-tests-", suffix=".lock")
+        os.close(fd)
+        config.stash[LOCK] = path
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):
+        Path(config.stash[LOCK]).unlink(missing_ok=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """(xdist) Every worker gets the controller's lock file."""
+    node.workerinput["acp_lock"] = node.config.stash[LOCK]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item,
+                            nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """A test marked ``heavy`` never runs beside a ``browser`` test in another xdist worker.
+
+    The heavy tests start dozens of agents at once in the ``local`` sandbox, each in a session of
+    its own (``start_new_session``), and Linux's autogroup scheduler gives every session an equal
+    share of the CPU: 100 agents starting left a JupyterLab starting beside them ~1/50 of it (its
+    start took 34 s instead of 1 s, and a page's 60 s waits ran out in CI). ``nice`` does not help
+    across sessions. So heavy tests take an exclusive lock, browser tests a shared one, on a file
+    the workers of one run share; the wait is outside pytest-timeout's clock (this wrapper runs
+    first).
+    """
+    path = getattr(item.config, "workerinput", {}).get("acp_lock")
+    kind = (fcntl.LOCK_EX if item.get_closest_marker("heavy") else
+            fcntl.LOCK_SH if item.get_closest_marker("browser") else None)
+    if path is None or kind is None:
+        return (yield)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, kind)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture

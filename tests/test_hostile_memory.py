@@ -41,7 +41,7 @@ USERS = 50
 CHUNKS = 8
 CHUNK = 4 * MiB
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.heavy, pytest.mark.timeout(240)]
 
 
 def status_kb(pid: int, field: str) -> int:
