@@ -12,7 +12,6 @@ as not found (never "forbidden"), so its existence does not leak.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import time
@@ -38,6 +37,7 @@ from .errors import (
 from .gateway import LlmGateway
 from .gateway.plan import Launch, plan_launch, uses_gateway
 from .hubclient import GatewayGrant, HubClient, service_checks_quota
+from .idle_culling import IdleCulling
 from .limit_traits import SessionLimits
 from .notebooks.channel import NotebookTools
 from .notebooks.session_tools import SessionNotebooks
@@ -54,25 +54,14 @@ from .workspace_fs import NAME_MAX, PATH_MAX
 #: Backends tried, best first, when the admin leaves ``sandbox`` empty.
 BACKEND_PREFERENCE = ("docker", "bubblewrap", "local")
 
-class UserSessionManager(SessionLimits, StoredSessions):
+class UserSessionManager(SessionLimits, StoredSessions, IdleCulling):
     """Holds the live agent sessions of all users and applies the admin's limits to them."""
 
-    # -- capacity and culling ------------------------------------------------------------------
+    # -- capacity (the idle culling is idle_culling.py) -----------------------------------------
     max_sessions_per_user = Integer(
         5,
         help="""How many live agent sessions one user may have at once (stopped ones do not
         count). 0 means unlimited.""",
-    ).tag(config=True)
-
-    idle_max_age = Float(
-        3600.0,
-        help="""Seconds a session may stay idle (no prompt, no agent output) before the monitor
-        stops it. A running prompt turn is never culled. 0 disables culling.""",
-    ).tag(config=True)
-
-    monitor_interval = Float(
-        60.0,
-        help="Seconds between two runs of the idle-session monitor. 0 disables the monitor.",
     ).tag(config=True)
 
     # -- where agents run ----------------------------------------------------------------------
@@ -203,7 +192,6 @@ class UserSessionManager(SessionLimits, StoredSessions):
         self._stopping: dict[str, AgentSession] = {}
         self._admitted: dict[str, int] = {}
         self._shutting_down = False
-        self._monitor: asyncio.Task[None] | None = None
         self._started_backends: set[SandboxBackend] = set()
         #: each live session's notebook tools (its socket directory, its edits), by session id
         self._notebooks: dict[str, SessionNotebooks] = {}
@@ -641,49 +629,10 @@ class UserSessionManager(SessionLimits, StoredSessions):
     def get_session_stats(self, username: str, session_id: str) -> dict[str, Any]:
         return self.get_user_session(username, session_id).stats()
 
-    async def cleanup(self, max_age: float | None = None) -> list[str]:
-        """Stop sessions idle for more than ``max_age`` seconds (default ``idle_max_age``).
-
-        Only ``ready`` and ``error`` sessions are: never one in a prompt turn, nor one that is
-        starting or restarting. Returns the ids of the sessions stopped.
-        """
-        max_age = self.idle_max_age if max_age is None else max_age
-        if not max_age:
-            return []
-        culled = []
-        for session in list(self._sessions.values()):
-            # checked again for each one, just before it goes: the deletions before it awaited,
-            # and meanwhile this one may have started a turn, been deleted or been used
-            idle = time.time() - session.last_activity
-            if (session.id not in self._sessions or idle <= max_age
-                    or session.state not in (SessionState.READY, SessionState.ERROR)):
-                continue
-            self.log.info("Stopping idle session %s of %s (idle %.0f s)", session.id, session.user, idle)
-            culled.append(session.id)
-            await self._delete(session, f"idle for more than {max_age:g} s", forget=False)
-        return culled
-
-    def start_monitor(self) -> None:
-        if self.monitor_interval and self._monitor is None:
-            self._monitor = asyncio.create_task(self._monitor_loop(), name="acp-session-monitor")
-
-    async def _monitor_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.monitor_interval)
-            try:
-                await self.cleanup()
-                await self.purge_expired()
-            except Exception:
-                self.log.exception("The idle-session monitor failed; it will try again")
-
     async def shutdown(self) -> None:
         """Stop the monitor and every session (the server is stopping); no new one starts."""
         self._shutting_down = True
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
-            self._monitor = None
+        await self.stop_monitor()
         sessions = list(self._sessions.values())
         stopping = list(self._stopping.values())
         results = await asyncio.gather(*(self._delete(s, "the server is stopping", forget=False)
