@@ -7,7 +7,8 @@
 import { SessionConnection } from './connection';
 import { h } from './dom';
 import { __ } from './i18n';
-import { formatTokens, Mode, ModelState, SessionView } from './reducer';
+import { formatTokens } from './reducer';
+import { Mode, ModelState, SessionView } from './view';
 
 /** States in which the session's socket and agent are gone for good or for now. */
 export const NOT_RUNNING = new Set(['stopped', 'error', 'suspended']);

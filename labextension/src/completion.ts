@@ -8,7 +8,7 @@
  *   server reads it. A directory keeps the completion open so one can walk down into it.
  */
 
-import { Command } from './reducer';
+import { Command } from './view';
 
 export interface CompletionQuery {
   kind: 'command' | 'file';

@@ -12,7 +12,7 @@ import { ImageBlock } from './api';
 import { applyChoice, Choice, completionAt, CompletionQuery, matchCommands } from './completion';
 import { formatBytes, h } from './dom';
 import { __ } from './i18n';
-import { Command } from './reducer';
+import { Command } from './view';
 
 /** The server's limits for images in a prompt (docs/api.md). */
 export const MAX_IMAGES = 4;

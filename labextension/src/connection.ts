@@ -16,7 +16,8 @@
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { AcpApi, ImageBlock } from './api';
-import { emptyView, Frame, reduce, reduceAll, SessionView, withSession } from './reducer';
+import { reduce, reduceAll, withSession } from './reducer';
+import { emptyView, Frame, SessionView } from './view';
 
 /**
  * Close code of a session that does not exist for this user (docs/api.md): unknown, another

@@ -27,7 +27,8 @@ import { AcpPanel } from './panel';
 import { selectionPrompt } from './prompt';
 import { IAcpSettings, PLUGIN_ID, readSettings } from './settings';
 
-export { reduce, reduceAll, emptyView } from './reducer';
+export { reduce, reduceAll } from './reducer';
+export { emptyView } from './view';
 export { DEFAULT_SETTINGS, IAcpSettings, readSettings } from './settings';
 
 const ICON_SVG = `<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16" viewBox="0 0 24 24">

@@ -4,7 +4,7 @@
  * summarize a run's outputs. Pure: the reducer and the cards (items.ts) share it.
  */
 
-import type { ChatItem, ToolItem } from './reducer';
+import type { ChatItem, ToolItem } from './view';
 
 export const str = (v: unknown, fallback = ''): string => (typeof v === 'string' ? v : fallback);
 

@@ -4,7 +4,7 @@
  * (a new object, same key) so the log redraws just those.
  */
 
-import type { ChatItem, SessionView } from './reducer';
+import type { ChatItem, SessionView } from './view';
 import { str } from './notebookEdits';
 
 /** A terminal's latest output (event `terminal:output`): the whole kept output, replaced each time. */

@@ -15,7 +15,8 @@ vi.mock('@jupyterlab/rendermime', () => ({ renderMarkdown: async () => undefined
 
 import { createItemView, ItemContext } from '../src/items';
 import { ChatLog, ItemView } from '../src/log';
-import { ChatItem, emptyView, Frame, reduce, SessionView } from '../src/reducer';
+import { reduce } from '../src/reducer';
+import { ChatItem, emptyView, Frame, SessionView } from '../src/view';
 import { plainMarkdown } from '../src/render/markdown';
 
 interface Row {

@@ -7,7 +7,8 @@
 import { describe, expect, it } from 'vitest';
 
 import { editHeadline, notebookEdit, outputsText } from '../src/notebookEdits';
-import { ChatItem, emptyView, Frame, notebookToolTitle, reduceAll, SessionView } from '../src/reducer';
+import { notebookToolTitle, reduceAll } from '../src/reducer';
+import { ChatItem, emptyView, Frame, SessionView } from '../src/view';
 
 let seq = 0;
 function ev(type: string, data: any): Frame {

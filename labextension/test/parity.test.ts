@@ -7,7 +7,8 @@ import { readdirSync, readFileSync } from 'fs';
 import { join } from 'path';
 import { describe, expect, it } from 'vitest';
 
-import { emptyView, Frame, reduce } from '../src/reducer';
+import { reduce } from '../src/reducer';
+import { emptyView, Frame } from '../src/view';
 
 const DIR = join(__dirname, '..', '..', 'tests', 'fixtures', 'events');
 

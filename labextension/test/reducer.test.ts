@@ -3,16 +3,8 @@
  */
 import { describe, expect, it } from 'vitest';
 
-import {
-  ChatItem,
-  emptyView,
-  formatTokens,
-  Frame,
-  reduce,
-  reduceAll,
-  SessionView,
-  TRUNCATED_NOTICE
-} from '../src/reducer';
+import { formatTokens, reduce, reduceAll, TRUNCATED_NOTICE } from '../src/reducer';
+import { ChatItem, emptyView, Frame, SessionView } from '../src/view';
 
 let seq = 0;
 function ev(type: string, data: any): Frame {

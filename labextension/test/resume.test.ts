@@ -6,7 +6,8 @@
 import { describe, expect, it, vi } from 'vitest';
 
 import { GONE, SessionConnection } from '../src/connection';
-import { emptyView, reduceAll } from '../src/reducer';
+import { reduceAll } from '../src/reducer';
+import { emptyView } from '../src/view';
 import { FakeSocket, fakeApi, useFakeSockets } from './fakeSocket';
 
 const models = {

@@ -6,7 +6,7 @@
  */
 
 import type { SessionConnection } from '../connection';
-import type { TerminalState } from '../reducer';
+import type { TerminalState } from '../view';
 import type { CodeActions } from '../render/codeActions';
 import type { MarkdownRenderer } from '../render/markdown';
 

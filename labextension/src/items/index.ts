@@ -3,7 +3,7 @@
  */
 
 import type { ItemView } from '../log';
-import type { ChatItem } from '../reducer';
+import type { ChatItem } from '../view';
 import type { ItemContext } from './context';
 import { StreamedView, UserView } from './message';
 import { drawError, drawNotice, drawPermission, drawPlan, drawTurn, RedrawView } from './misc';

@@ -8,7 +8,7 @@ import { fileIcon, imageIcon } from '@jupyterlab/ui-components';
 import { formatBytes, h } from '../dom';
 import { __ } from '../i18n';
 import type { ItemView } from '../log';
-import type { Attachment, ChatItem } from '../reducer';
+import type { Attachment, ChatItem } from '../view';
 import { addCodeToolbars } from '../render/codeActions';
 import { StreamingMarkdown } from '../render/streaming';
 import type { ItemContext } from './context';

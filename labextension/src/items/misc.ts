@@ -7,7 +7,8 @@
 import { h } from '../dom';
 import { __ } from '../i18n';
 import type { ItemView } from '../log';
-import { ChatItem, formatTokens } from '../reducer';
+import { formatTokens } from '../reducer';
+import { ChatItem } from '../view';
 import type { ItemContext } from './context';
 
 type Of<K extends ChatItem['kind']> = Extract<ChatItem, { kind: K }>;

@@ -13,7 +13,7 @@ import { displayPath, h } from '../dom';
 import { __ } from '../i18n';
 import type { ItemView } from '../log';
 import { editHeadline, NOTEBOOK_TOOL_PREFIX, NotebookEdit, outputsText } from '../notebookEdits';
-import type { ChatItem, TerminalState, ToolContent, ToolItem } from '../reducer';
+import type { ChatItem, TerminalState, ToolContent, ToolItem } from '../view';
 import type { EditActions, ItemContext } from './context';
 
 const STATUS_LABEL: Record<string, string> = {
