@@ -151,7 +151,13 @@ def acp_workspace_root(tmp_path: Path) -> Path:
 @pytest.fixture
 async def acp_managers(tmp_path: Path, acp_workspace_root: Path, acp_ledger: UsageLedger
                        ) -> AsyncIterator[Callable[..., UserSessionManager]]:
-    """Build managers (keyword arguments are traits); every agent is stopped after the test."""
+    """Build managers (keyword arguments are traits); every agent is stopped after the test.
+
+    A test's own ledger (``ledger=``) is closed here again, after its manager has shut down, as
+    the extension does: the shutdown writes the sessions' last state through the ledger's engine,
+    which makes a new one when the test has closed the ledger already, and that engine's
+    connections were left for the garbage collector (a psycopg ``ResourceWarning`` that failed
+    an unrelated test later in the worker)."""
     made: list[UserSessionManager] = []
 
     def make(**traits: Any) -> UserSessionManager:
@@ -166,6 +172,9 @@ async def acp_managers(tmp_path: Path, acp_workspace_root: Path, acp_ledger: Usa
     yield make
     for manager in made:
         await manager.shutdown()
+    for manager in made:
+        if manager.ledger is not acp_ledger:
+            await asyncio.to_thread(manager.ledger.close)
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
