@@ -156,8 +156,8 @@ async def acp_managers(tmp_path: Path, acp_workspace_root: Path, acp_ledger: Usa
     A test's own ledger (``ledger=``) is closed here again, after its manager has shut down, as
     the extension does: the shutdown writes the sessions' last state through the ledger's engine,
     which makes a new one when the test has closed the ledger already, and that engine's
-    connections were left for the garbage collector (a psycopg ``ResourceWarning`` that failed
-    an unrelated test later in the worker)."""
+    connections were left for the garbage collector (for PostgreSQL, a psycopg
+    ``ResourceWarning`` in whatever test runs then: the likely source of one seen in CI)."""
     made: list[UserSessionManager] = []
 
     def make(**traits: Any) -> UserSessionManager:
